@@ -12,6 +12,7 @@ from .prompts import (
     TokenRole,
     build_icl_batch,
     label_tokens,
+    tokenizer_adds_bos,
 )
 from .tasks import TASKS, Example, Task, get_task, load_examples, sample_demonstrations
 
@@ -39,4 +40,5 @@ __all__ = [
     "predict",
     "run_icl",
     "sample_demonstrations",
+    "tokenizer_adds_bos",
 ]

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .prompts import tokenizer_adds_bos
+
 __all__ = [
     "AttentionNotExposedError",
     "DEFAULT_MODEL",
@@ -136,6 +138,7 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path | None = None) 
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is no secret
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -155,6 +158,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict[str, str | int] | None = None,
     n_devices: int | None = None,
+    prepend_bos: bool | None = None,
     check_attention: bool = True,
     **bridge_kwargs: Any,
 ):
@@ -172,6 +176,10 @@ def load_model(
             over several GPUs (e.g. ``"auto"``).
         n_devices: Number of GPUs to shard over (TransformerLens' alternative to
             ``device_map``).
+        prepend_bos: Sets ``bridge.cfg.default_prepend_bos``, which ``model.to_tokens`` and
+            :func:`~anchor_lens.prompts.build_icl_batch` follow. ``None`` keeps the native
+            tokenizer's convention (Gemma adds ``<bos>``; GPT-2 and SmolLM2 add nothing),
+            where TransformerLens would prepend a BOS to every model.
         check_attention: Verify that attention probabilities are exposed through
             ``hook_pattern`` and that editing them changes the output; see
             :func:`check_attention_hooks`.
@@ -185,7 +193,11 @@ def load_model(
     boot.update(bridge_kwargs)
 
     if isinstance(model, torch.nn.Module):
-        bridge = _wrap_module(model, tokenizer=tokenizer, dtype=dtype, device=device)
+        if tokenizer is None:
+            raise ValueError(
+                "load_model(<model object>) needs tokenizer=...: the bridge cannot find a "
+                "tokenizer for a model built in memory."
+            )
     else:
         spec = str(model)
         if spec in KNOWN_GGUF_MODELS:
@@ -194,9 +206,18 @@ def load_model(
             spec = str(gguf_to_hf_folder(spec))
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(spec)
+    # TransformerLens re-creates the tokenizer with add_bos_token=True and defaults
+    # cfg.default_prepend_bos to True, so the native convention is read first.
+    if prepend_bos is None:
+        prepend_bos = tokenizer_adds_bos(tokenizer)
+
+    if isinstance(model, torch.nn.Module):
+        bridge = _wrap_module(model, tokenizer=tokenizer, dtype=dtype, device=device)
+    else:
         # boot_transformers loads with eager attention, which is what exposes hook_pattern.
         bridge = TransformerBridge.boot_transformers(spec, tokenizer=tokenizer, **boot)
     bridge.eval()
+    bridge.cfg.default_prepend_bos = prepend_bos
     if check_attention:
         check_attention_hooks(bridge)
     return bridge
@@ -210,11 +231,6 @@ def _wrap_module(model: torch.nn.Module, *, tokenizer: Any, dtype: torch.dtype, 
         raise TypeError(
             f"load_model got a {type(model).__name__} without a `.config`; pass a Hugging Face "
             "PreTrainedModel, a folder, a .gguf file or a hub name."
-        )
-    if tokenizer is None:
-        raise ValueError(
-            "load_model(<model object>) needs tokenizer=...: the bridge cannot find a tokenizer "
-            "for a model built in memory."
         )
     if device is not None:
         model = model.to(device)

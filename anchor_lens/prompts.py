@@ -33,6 +33,7 @@ __all__ = [
     "TokenRole",
     "build_icl_batch",
     "label_tokens",
+    "tokenizer_adds_bos",
 ]
 
 
@@ -193,6 +194,13 @@ class ICLBatch:
         return ICLBatch(**out)
 
 
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts a BOS token in front of a text by itself."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
 def _resolve_bos(model_or_tokenizer: Any, prepend_bos: bool | None) -> int | None:
     tokenizer = _tokenizer_of(model_or_tokenizer)
     bos = tokenizer.bos_token_id
@@ -201,12 +209,11 @@ def _resolve_bos(model_or_tokenizer: Any, prepend_bos: bool | None) -> int | Non
     if prepend_bos is None:
         cfg = getattr(model_or_tokenizer, "cfg", None)
         if cfg is not None:
-            # The TransformerLens convention, so prompts match model.to_tokens(...) in the
-            # user's own TL code.
+            # TransformerLens' own switch, so prompts match model.to_tokens(...); load_model
+            # sets it to what the model's native tokenizer does.
             prepend_bos = bool(getattr(cfg, "default_prepend_bos", True))
         else:
-            ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-            prepend_bos = len(ids) > 0 and ids[0] == bos
+            prepend_bos = tokenizer_adds_bos(tokenizer)
     return bos if prepend_bos else None
 
 
@@ -232,8 +239,9 @@ def build_icl_batch(
         padding_side: ``"left"`` puts every target at the last column (cheaper prediction);
             ``"right"`` keeps real tokens at the same columns as an unpadded prompt.
         prepend_bos: Whether the prompt starts with the BOS token. ``None`` follows
-            TransformerLens (``model.cfg.default_prepend_bos``, as ``model.to_tokens`` does)
-            when a model is given, else what the tokenizer does by itself.
+            ``model.cfg.default_prepend_bos`` (as ``model.to_tokens`` does; :func:`load_model`
+            sets it to the native tokenizer's convention) when a model is given, else what
+            the tokenizer does by itself.
         max_length: Context limit; defaults to the model's ``cfg.n_ctx`` when a model is given.
         check_label_collisions: Raise if two label words share their first token (the paper
             scores only the first token). Whole-word scoring can turn this off.

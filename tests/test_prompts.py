@@ -86,15 +86,28 @@ def test_label_token_ids_use_the_leading_space(smol_tokenizer):
 def test_bos_policy(tiny_llama, tiny_tokenizer):
     bos = tiny_tokenizer.bos_token_id
     demos = [Example("good", 1)]
-    with_model = al.build_icl_batch(tiny_llama, "sst2", demos, ["bad"])
-    assert tiny_llama.cfg.default_prepend_bos
-    assert with_model.input_ids[0, 0] == bos and with_model.roles[0, 0] == TokenRole.SPECIAL
-    without = al.build_icl_batch(tiny_llama, "sst2", demos, ["bad"], prepend_bos=False)
-    assert bos not in without.input_ids[0].tolist()
-    assert torch.equal(with_model.input_ids[0, 1:], without.input_ids[0])
-    assert torch.equal(with_model.label_positions, without.label_positions + 1)
-    # A bare tokenizer follows its own behaviour (this one adds no BOS).
+    # load_model keeps the native tokenizer's convention: this one adds no BOS.
+    assert not al.tokenizer_adds_bos(tiny_tokenizer)
+    assert tiny_llama.cfg.default_prepend_bos is False
+    native = al.build_icl_batch(tiny_llama, "sst2", demos, ["bad"])
+    assert bos not in native.input_ids[0].tolist()
+    assert torch.equal(native.input_ids[0], tiny_llama.to_tokens(native.prompts[0])[0])
+    forced = al.build_icl_batch(tiny_llama, "sst2", demos, ["bad"], prepend_bos=True)
+    assert forced.input_ids[0, 0] == bos and forced.roles[0, 0] == TokenRole.SPECIAL
+    assert torch.equal(forced.input_ids[0, 1:], native.input_ids[0])
+    assert torch.equal(forced.label_positions, native.label_positions + 1)
     assert bos not in al.build_icl_batch(tiny_tokenizer, "sst2", demos, ["bad"]).input_ids[0]
+
+
+def test_load_model_prepend_bos_sets_the_tl_switch(tiny_tokenizer):
+    from .conftest import tiny_hf_model
+
+    bridge = al.load_model(
+        tiny_hf_model("gpt2", tiny_tokenizer), tokenizer=tiny_tokenizer, prepend_bos=True
+    )
+    batch = al.build_icl_batch(bridge, "sst2", [], ["bad"])
+    assert batch.input_ids[0, 0] == tiny_tokenizer.bos_token_id
+    assert torch.equal(batch.input_ids[0], bridge.to_tokens(batch.prompts[0])[0])
 
 
 def test_masks_and_per_query_demonstrations(tiny_tokenizer):
