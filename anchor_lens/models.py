@@ -24,6 +24,7 @@ by :func:`check_attention_hooks`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -105,16 +106,18 @@ def cache_dir() -> Path:
 def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Dequantise a GGUF file once into a Hugging Face folder of safetensors and return it.
 
-    The folder name carries the file's size and modification time, so a changed file is
-    converted again. Conversion writes to a temporary folder and renames it, so an interrupted
+    The folder name carries the file's size and a hash of its first MiB, so a reinstalled
+    copy of the same file reuses the conversion and a different file gets its own. Conversion writes to a temporary folder and renames it, so an interrupted
     run never leaves a half-written model behind.
     """
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    stat = gguf_path.stat()
     if out_dir is None:
-        out_dir = cache_dir() / "models" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        with gguf_path.open("rb") as f:
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
+        size = gguf_path.stat().st_size
+        out_dir = cache_dir() / "models" / f"{gguf_path.stem}-{size}-{head}"
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir

@@ -77,10 +77,13 @@ def test_padding_leaves_each_example_unchanged(tiny_model, padding_side):
 
 @pytest.mark.slow
 def test_default_model_is_cached_as_safetensors(smollm2):
-    folders = list((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct*"))
-    assert folders and (folders[0] / "model.safetensors").exists()
     assert smollm2.cfg.n_layers == 30 and smollm2.cfg.n_key_value_heads == 3
-    assert models.gguf_to_hf_folder(models._smollm2_gguf()) == folders[0]
+    folder = models.gguf_to_hf_folder(models._smollm2_gguf())
+    assert folder.parent == models.cache_dir() / "models"
+    weights = folder / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert models.gguf_to_hf_folder(models._smollm2_gguf()) == folder  # reused, not redone
+    assert weights.stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
