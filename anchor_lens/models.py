@@ -107,8 +107,9 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path | None = None) 
     """Dequantise a GGUF file once into a Hugging Face folder of safetensors and return it.
 
     The folder name carries the file's size and a hash of its first MiB, so a reinstalled
-    copy of the same file reuses the conversion and a different file gets its own. Conversion writes to a temporary folder and renames it, so an interrupted
-    run never leaves a half-written model behind.
+    copy of the same file reuses the conversion and a different file gets its own.
+    Conversion writes to a temporary folder and renames it, so an interrupted run never
+    leaves a half-written model behind.
     """
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
