@@ -9,9 +9,11 @@ each label word. ``scoring="full_word"`` instead scores class ``c`` with word to
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -26,9 +28,12 @@ __all__ = [
     "EvalResult",
     "Predictions",
     "evaluate",
+    "iter_batches",
     "label_scores",
     "predict",
     "run_icl",
+    "sample_episode",
+    "target_logits",
 ]
 
 Scoring = Literal["first_token", "full_word"]
@@ -62,13 +67,17 @@ class Predictions:
         return self.predicted == self.labels
 
 
-def _target_logits(model, batch: ICLBatch) -> Float[Tensor, "batch vocab"]:
-    """Next-token logits at each row's target position, unembedding only what is needed."""
+def target_logits(model, batch: ICLBatch, fwd_hooks=()) -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at each row's target position, with optional forward hooks.
+
+    Only the target columns are unembedded (``logits_to_keep``, passed through to Hugging
+    Face): with left padding that is a single column. Gradients flow if enabled.
+    """
     targets = batch.target_positions
     keep = torch.unique(targets)
-    # logits_to_keep (passed through to Hugging Face) skips the unembedding of every other
-    # position: with left padding that is a single column.
-    logits = model(**batch.model_inputs(), logits_to_keep=keep)
+    logits = model.run_with_hooks(
+        **batch.model_inputs(), logits_to_keep=keep, fwd_hooks=list(fwd_hooks)
+    )
     column = torch.searchsorted(keep, targets)
     return logits[torch.arange(len(batch), device=logits.device), column]
 
@@ -100,7 +109,7 @@ def label_scores(
     model, batch: ICLBatch, scoring: Scoring = "first_token"
 ) -> tuple[Float[Tensor, "batch n_class"], Float[Tensor, " batch"]]:
     """Class scores at the target position and the probability mass on label tokens."""
-    logits = _target_logits(model, batch).float()
+    logits = target_logits(model, batch).float()
     first = batch.label_token_ids.to(logits.device)
     mass = logits.softmax(-1)[:, first].sum(-1)
     if scoring == "first_token":
@@ -117,6 +126,31 @@ def predict(model, batch: ICLBatch, scoring: Scoring = "first_token") -> Predict
     """Label-restricted prediction for every prompt of ``batch``."""
     scores, mass = label_scores(model, batch.to(model.cfg.device), scoring)
     return Predictions(scores.cpu(), mass.cpu(), batch.labels.cpu())
+
+
+def iter_batches(
+    model,
+    task: str | Task,
+    queries: Sequence[Example | str],
+    demonstrations: Sequence[Example] | Sequence[Sequence[Example]] = (),
+    *,
+    batch_size: int = 8,
+    desc: str = "ICL",
+    progress: bool = True,
+    **batch_kwargs,
+) -> Iterator[ICLBatch]:
+    """Padded batches of ``batch_size`` queries on the model's device, with a progress bar.
+
+    ``demonstrations`` is one list shared by all queries or one list per query;
+    ``batch_kwargs`` go to :func:`~anchor_lens.prompts.build_icl_batch`.
+    """
+    per_query = bool(demonstrations) and not isinstance(demonstrations[0], Example)
+    with tqdm(total=len(queries), desc=desc, unit="ex", disable=not progress) as bar:
+        for i in range(0, len(queries), batch_size):
+            chunk = queries[i : i + batch_size]
+            demos = demonstrations[i : i + batch_size] if per_query else demonstrations
+            yield build_icl_batch(model, task, demos, chunk, **batch_kwargs).to(model.cfg.device)
+            bar.update(len(chunk))
 
 
 @dataclass
@@ -155,25 +189,20 @@ def evaluate(
     :func:`~anchor_lens.prompts.build_icl_batch`.
     """
     task = get_task(task)
-    per_query = demonstrations and not isinstance(demonstrations[0], Example)
-    preds: list[Predictions] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(queries), desc=f"ICL {task.name}", unit="ex", disable=not progress)
-    for i in range(0, len(queries), batch_size):
-        chunk = queries[i : i + batch_size]
-        demos = demonstrations[i : i + batch_size] if per_query else demonstrations
-        batch = build_icl_batch(
-            model,
-            task,
-            demos,
-            chunk,
-            padding_side=padding_side,
-            prepend_bos=prepend_bos,
-            check_label_collisions=scoring == "first_token",
-        )
-        preds.append(predict(model, batch, scoring))
-        bar.update(len(chunk))
-    bar.close()
+    batches = iter_batches(
+        model,
+        task,
+        queries,
+        demonstrations,
+        batch_size=batch_size,
+        desc=f"ICL {task.name}",
+        progress=progress,
+        padding_side=padding_side,
+        prepend_bos=prepend_bos,
+        check_label_collisions=scoring == "first_token",
+    )
+    preds = [predict(model, batch, scoring) for batch in batches]
     seconds = time.perf_counter() - start
     logits = torch.cat([p.label_logits for p in preds])
     labels = torch.cat([p.labels for p in preds])
@@ -192,29 +221,22 @@ def evaluate(
     )
 
 
-def run_icl(
-    model,
+def sample_episode(
     task: str | Task,
     *,
-    data: str | None = None,
-    demo_data: str | None = None,
+    data: str | Path | None = None,
+    demo_data: str | Path | None = None,
     shots: int = 1,
     n: int | None = 200,
     seed: int = 42,
-    batch_size: int = 8,
-    scoring: Scoring = "first_token",
-    prepend_bos: bool | None = None,
-    progress: bool = True,
-) -> EvalResult:
-    """The paper's protocol: ``n`` seeded queries, ``shots`` demonstrations per class.
+) -> tuple[list[Example], list[Example]]:
+    """The paper's sampling protocol: ``(queries, demonstrations)`` for one seed.
 
-    Queries come from ``data`` (a file, folder or hub id; the task's test split by default).
-    Demonstrations come from ``demo_data`` (the task's demonstration split by default; with
-    a ``data`` file and no ``demo_data``, from the rest of that file), one shuffled set per
-    seed shared by all queries, never containing a query.
+    ``n`` queries are drawn (seeded) from ``data`` (a file, folder or hub id; the task's test
+    split by default). ``shots`` demonstrations per class come from ``demo_data`` (the task's
+    demonstration split by default; with a ``data`` file and no ``demo_data``, from the rest
+    of that file), shuffled, shared by all queries, never one of them.
     """
-    import random
-
     task = get_task(task)
     test = load_examples(task, data)
     if demo_data is not None:
@@ -232,12 +254,30 @@ def run_icl(
         # One file serves both: take the demonstrations first so the query set stays at n.
         demos = sample_demonstrations(test, task, shots, seed=seed)
         taken = {e.text for e in demos}
-        queries = draw([e for e in test if e.text not in taken])
-    else:
-        queries = draw(test)
-        demos = (
-            sample_demonstrations(pool, task, shots, seed=seed, exclude=queries) if shots else []
-        )
+        return draw([e for e in test if e.text not in taken]), demos
+    queries = draw(test)
+    demos = sample_demonstrations(pool, task, shots, seed=seed, exclude=queries) if shots else []
+    return queries, demos
+
+
+def run_icl(
+    model,
+    task: str | Task,
+    *,
+    data: str | Path | None = None,
+    demo_data: str | Path | None = None,
+    shots: int = 1,
+    n: int | None = 200,
+    seed: int = 42,
+    batch_size: int = 8,
+    scoring: Scoring = "first_token",
+    prepend_bos: bool | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """:func:`evaluate` on the queries and demonstrations of :func:`sample_episode`."""
+    queries, demos = sample_episode(
+        task, data=data, demo_data=demo_data, shots=shots, n=n, seed=seed
+    )
     return evaluate(
         model,
         task,

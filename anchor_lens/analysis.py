@@ -1,0 +1,405 @@
+"""The label-anchor experiments of Wang et al. (2023, §2) as functions with typed results.
+
+* :func:`information_flow` — saliency-based flows ``S_wp``, ``S_pq``, ``S_ww`` per layer
+  (§2.1, Eqs. 1–4, Fig. 3).
+* :func:`isolation` — label and word loyalty when label words are isolated in the first or
+  last ``k`` layers, against isolating random non-label positions (§2.2, Fig. 4).
+* :func:`deep_layer_auc` — AUCROC_l of the target's attention to label words against the
+  model's own prediction, and its cumulative share R_l (§2.3, Fig. 5).
+
+Each takes a model, a task, queries and demonstrations (one list shared by all queries, or one
+per query), runs in padded batches, and returns a dataclass with a ``to_json()`` method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from . import metrics
+from .hooks import (
+    PatternCapture,
+    SaliencyCapture,
+    block_attention_hooks,
+    resolve_layers,
+)
+from .icl import iter_batches, target_logits
+from .prompts import ICLBatch, TokenRole
+from .tasks import Example, Task, get_task
+
+__all__ = [
+    "DeepResult",
+    "FlowResult",
+    "IsolationResult",
+    "deep_layer_auc",
+    "information_flow",
+    "isolation",
+    "random_positions",
+]
+
+LossTarget = Literal["gold", "prediction"]
+
+
+def _check_demos(batch: ICLBatch, what: str) -> None:
+    if batch.n_demos == 0:
+        raise ValueError(f"{what} needs demonstrations: label words only exist in them.")
+
+
+# --------------------------------------------------------------------------- information flow
+@dataclass
+class FlowResult:
+    """Per-layer information flow (Fig. 3). ``S_*`` are normalised to sum to 1 per layer."""
+
+    S_wp: list[float]
+    S_pq: list[float]
+    S_ww: list[float]
+    S_wp_raw: list[float]
+    S_pq_raw: list[float]
+    S_ww_raw: list[float]
+    n: int
+    loss_target: str
+    per_head: dict[str, list[list[float]]] | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def information_flow(
+    model,
+    task: str | Task,
+    queries: Sequence[Example],
+    demonstrations,
+    *,
+    loss_target: LossTarget = "gold",
+    batch_size: int = 4,
+    keep_per_head: bool = False,
+    progress: bool = True,
+) -> FlowResult:
+    """Saliency flows ``S_wp``, ``S_pq``, ``S_ww`` for every layer, averaged over queries.
+
+    One forward and one backward pass per batch: the loss is the cross-entropy of the
+    label-restricted logits at the target, for the gold label (``loss_target="gold"``) or the
+    model's own prediction (``"prediction"``); ``I_l = |Σ_h A ⊙ ∂L/∂A|`` (Eq. 1) feeds
+    Eqs. 2–4 (:func:`anchor_lens.metrics.information_flow`).
+
+    ``keep_per_head`` additionally returns the three flows per layer and head (computed on
+    ``|A_h ⊙ ∂L/∂A_h|``) under ``per_head``.
+    """
+    task = get_task(task)
+    layers = resolve_layers(model, None)
+    sums: dict[str, Tensor] = {}
+    n = 0
+    for batch in iter_batches(
+        model, task, queries, demonstrations, batch_size=batch_size, desc="flow", progress=progress
+    ):
+        _check_demos(batch, "information_flow")
+        capture = SaliencyCapture(layers)
+        with torch.enable_grad():
+            logits = target_logits(model, batch, capture.hooks)[:, batch.label_token_ids]
+            if loss_target == "gold":
+                if (batch.labels < 0).any():
+                    raise ValueError("loss_target='gold' needs labelled queries.")
+                target = batch.labels
+            elif loss_target == "prediction":
+                target = logits.argmax(-1)
+            else:
+                raise ValueError(f"loss_target must be 'gold' or 'prediction', not {loss_target!r}")
+            # Summed over the batch: examples do not interact, so each keeps its own gradient.
+            loss = F.cross_entropy(logits.float(), target, reduction="sum")
+            grads = capture.gradients(loss)  # [layer, batch, head, q, k]
+        masks = metrics.flow_masks(
+            batch.attention_mask, batch.label_positions, batch.target_positions
+        )
+        flows = metrics.information_flow(grads.sum(2).abs(), masks)
+        if keep_per_head:
+            head_flows = metrics.information_flow(
+                grads.abs().transpose(1, 2),  # [layer, head, batch, q, k]
+                metrics.FlowMasks(masks.wp[None], masks.pq[None], masks.ww[None]),
+            )
+            for key, v in head_flows.items():  # [layer, head, batch]
+                sums[f"{key}_head"] = sums.get(f"{key}_head", 0) + v.sum(-1).detach()
+        for key, v in flows.items():
+            sums[key] = sums.get(key, 0) + v.sum(-1).detach()
+        n += len(batch)
+    raw = {k: (sums[k] / n).cpu() for k in ("S_wp", "S_pq", "S_ww")}
+    norm = metrics.normalise_flow(raw)
+    per_head = None
+    if keep_per_head:
+        per_head = {k: (sums[f"{k}_head"] / n).cpu().tolist() for k in ("S_wp", "S_pq", "S_ww")}
+    return FlowResult(
+        **{k: v.tolist() for k, v in norm.items()},
+        **{f"{k}_raw": v.tolist() for k, v in raw.items()},
+        n=n,
+        loss_target=loss_target,
+        per_head=per_head,
+    )
+
+
+# --------------------------------------------------------------------------------- isolation
+def random_positions(batch: ICLBatch, n: int, generator: torch.Generator) -> Int[Tensor, "batch n"]:
+    """``n`` random non-label positions per example (text or formatting tokens before ``q``).
+
+    The random baseline of §2.2: the same number of positions as there are label words, drawn
+    from the demonstrations' and query's other tokens, never a label word or the target.
+    """
+    roles = batch.roles.cpu()
+    ok = (roles == TokenRole.TEXT) | (roles == TokenRole.FORMAT)
+    ok &= torch.arange(roles.shape[1])[None] < batch.target_positions.cpu()[:, None]
+    too_few = ok.sum(-1) < n
+    if too_few.any():
+        raise ValueError(f"Example {int(too_few.nonzero()[0])} has fewer than {n} candidates.")
+    noise = torch.rand(roles.shape, generator=generator)
+    return noise.masked_fill(~ok, -1.0).topk(n, dim=-1).indices.to(batch.input_ids.device)
+
+
+@dataclass
+class IsolationResult:
+    """Label and word loyalty per isolation condition (Fig. 4).
+
+    ``conditions`` maps ``label_first``, ``label_last``, ``random_first``, ``random_last`` to
+    ``{"label_loyalty": ..., "word_loyalty": ...}``; ``layers`` says which layers each used.
+    """
+
+    conditions: dict[str, dict[str, float]]
+    layers: dict[str, list[int]]
+    k_layers: int
+    top_k: int
+    n: int
+    seed: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def isolation(
+    model,
+    task: str | Task,
+    queries: Sequence[Example],
+    demonstrations,
+    *,
+    k_layers: int = 5,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> IsolationResult:
+    """Isolate label words (or random positions) in the first / last ``k_layers`` layers.
+
+    Isolation sets the pre-softmax scores from each isolated position to every earlier
+    position to the minimum (:func:`~anchor_lens.hooks.block_attention_hooks`). Loyalty
+    compares against the unedited run: label loyalty is the agreement of label predictions,
+    word loyalty the top-``top_k`` Jaccard similarity of the full next-token distribution.
+    Random positions are redrawn per layer and example from a generator seeded with ``seed``.
+    """
+    task = get_task(task)
+    n_layers = model.cfg.n_layers
+    if not 0 < k_layers <= n_layers:
+        raise ValueError(f"k_layers must be in 1..{n_layers}, got {k_layers}.")
+    spans = {
+        "first": list(range(k_layers)),
+        "last": list(range(n_layers - k_layers, n_layers)),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    agree: dict[str, list[Tensor]] = {}
+    jacc: dict[str, list[Tensor]] = {}
+    n = 0
+    with torch.no_grad():
+        for batch in iter_batches(
+            model,
+            task,
+            queries,
+            demonstrations,
+            batch_size=batch_size,
+            desc="isolation",
+            progress=progress,
+        ):
+            _check_demos(batch, "isolation")
+            ref = target_logits(model, batch).float()
+            ref_pred = ref[:, batch.label_token_ids].argmax(-1)
+            for where, layers in spans.items():
+                random_rows = {
+                    layer: random_positions(batch, batch.n_demos, generator) for layer in layers
+                }
+                for what, rows in (("label", batch.label_positions), ("random", random_rows.get)):
+                    hooks = block_attention_hooks(layers, rows)
+                    out = target_logits(model, batch, hooks).float()
+                    key = f"{what}_{where}"
+                    pred = out[:, batch.label_token_ids].argmax(-1)
+                    agree.setdefault(key, []).append((pred == ref_pred).float().cpu())
+                    jacc.setdefault(key, []).append(metrics.jaccard_topk(ref, out, top_k).cpu())
+            n += len(batch)
+    conditions = {
+        key: {
+            "label_loyalty": float(torch.cat(agree[key]).mean()),
+            "word_loyalty": float(torch.cat(jacc[key]).mean()),
+        }
+        for key in ("label_first", "label_last", "random_first", "random_last")
+    }
+    layers_used = {f"{w}_{s}": spans[s] for w in ("label", "random") for s in spans}
+    return IsolationResult(conditions, layers_used, k_layers, top_k, n, seed)
+
+
+# ------------------------------------------------------------------------------ deep layers
+@dataclass
+class DeepResult:
+    """AUCROC_l and R_l per layer (Fig. 5), with the predictions they were scored against."""
+
+    aucroc: list[float]
+    r_l: list[float]
+    n: int
+    predicted_classes: dict[str, int]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def deep_layer_auc(
+    model,
+    task: str | Task,
+    queries: Sequence[Example],
+    demonstrations,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> DeepResult:
+    """AUCROC_l of ``Σ_h A_l(q, p_i)`` (per class, normalised) against the model's prediction.
+
+    Only the target row of each layer's pattern is kept, so memory does not grow with the
+    square of the prompt length.
+    """
+    task = get_task(task)
+    layers = resolve_layers(model, None)
+    scores, preds = [], []
+    with torch.no_grad():
+        for batch in iter_batches(
+            model,
+            task,
+            queries,
+            demonstrations,
+            batch_size=batch_size,
+            desc="deep",
+            progress=progress,
+        ):
+            _check_demos(batch, "deep_layer_auc")
+            capture = PatternCapture(layers, query_positions=batch.target_positions)
+            logits = target_logits(model, batch, capture.hooks)
+            preds.append(logits[:, batch.label_token_ids].argmax(-1).cpu())
+            scores.append(
+                metrics.class_attention_scores(
+                    capture.stacked(), batch.label_positions, batch.demo_labels, task.n_classes
+                ).cpu()
+            )
+    score = torch.cat(scores, dim=1)
+    pred = torch.cat(preds)
+    auc = metrics.aucroc_per_layer(score, pred)
+    counts = torch.bincount(pred, minlength=task.n_classes).tolist()
+    return DeepResult(
+        aucroc=auc,
+        r_l=metrics.cumulative_r(auc),
+        n=len(pred),
+        predicted_classes=dict(zip(task.label_words, counts, strict=True)),
+    )
+
+
+# --------------------------------------------------------------------------------- findings
+@dataclass
+class Finding:
+    """One of the paper's claims checked on a run: does it hold, and the numbers behind it."""
+
+    claim: str
+    holds: bool
+    evidence: str
+
+
+def paper_findings(flow: FlowResult, iso: IsolationResult, deep: DeepResult) -> list[Finding]:
+    """Check the findings of §2 on results of this library.
+
+    Shallow layers are the first third, deep layers the last third of the model.
+    """
+    import numpy as np
+
+    n_layers = len(flow.S_wp)
+    third = max(1, n_layers // 3)
+    shallow, deep_l = slice(0, third), slice(n_layers - third, n_layers)
+
+    def mean(xs, s):
+        return float(np.mean(xs[s]))
+
+    wp_sh, pq_sh = mean(flow.S_wp, shallow), mean(flow.S_pq, shallow)
+    wp_dp, pq_dp, ww_dp = mean(flow.S_wp, deep_l), mean(flow.S_pq, deep_l), mean(flow.S_ww, deep_l)
+    ww_all = float(np.mean(flow.S_ww))
+    c = iso.conditions
+    k = iso.k_layers
+    auc = np.asarray(deep.aucroc, dtype=float)
+    peak = int(np.nanargmax(auc)) if np.isfinite(auc).any() else -1
+    r = np.asarray(deep.r_l, dtype=float)
+    half = n_layers // 2
+    return [
+        Finding(
+            "Shallow layers: S_wp (text → label words) exceeds S_pq (label words → target).",
+            wp_sh > pq_sh,
+            f"layers 0–{third - 1}: mean S_wp {wp_sh:.2f} vs S_pq {pq_sh:.2f}",
+        ),
+        Finding(
+            "Deep layers: S_pq dominates S_wp and S_ww.",
+            pq_dp > max(wp_dp, ww_dp),
+            f"layers {n_layers - third}–{n_layers - 1}: mean S_pq {pq_dp:.2f}, "
+            f"S_wp {wp_dp:.2f}, S_ww {ww_dp:.2f}",
+        ),
+        Finding(
+            "S_ww stays small (below a third of the normalised flow on average).",
+            ww_all < 1 / 3,
+            f"mean normalised S_ww over all layers {ww_all:.2f}",
+        ),
+        Finding(
+            f"Isolating label words in the first {k} layers lowers label loyalty more than in "
+            f"the last {k} layers or at random positions.",
+            c["label_first"]["label_loyalty"]
+            < min(c["label_last"]["label_loyalty"], c["random_first"]["label_loyalty"]),
+            "label loyalty: "
+            + ", ".join(f"{key} {v['label_loyalty']:.2f}" for key, v in c.items()),
+        ),
+        Finding(
+            f"The same holds for word loyalty (top-{iso.top_k} Jaccard).",
+            c["label_first"]["word_loyalty"]
+            < min(c["label_last"]["word_loyalty"], c["random_first"]["word_loyalty"]),
+            "word loyalty: " + ", ".join(f"{key} {v['word_loyalty']:.2f}" for key, v in c.items()),
+        ),
+        Finding(
+            "AUCROC_l peaks in the deep half of the model (paper: ≈0.8 in deep layers).",
+            peak >= half,
+            f"peak AUCROC_l {auc[peak]:.2f} at layer {peak} of {n_layers}"
+            if peak >= 0
+            else "AUCROC_l undefined (the model predicted a single class)",
+        ),
+        Finding(
+            "R_l rises mostly in the middle and deep layers (less than half by mid-depth).",
+            bool(np.isfinite(r[half - 1]) and r[half - 1] < 0.5),
+            f"R_l at layer {half - 1}: {r[half - 1]:.2f}",
+        ),
+    ]
+
+
+def findings_markdown(
+    findings: list[Finding], *, model: str, task: str, n: int, extra: str = ""
+) -> str:
+    """A short ``report.md``: which of the paper's findings hold for this run."""
+    held = sum(f.holds for f in findings)
+    lines = [
+        f"# Label words as anchors: {task} on {model}",
+        "",
+        f"{n} queries; {held} of {len(findings)} findings of Wang et al. (2023, §2) hold.",
+        "",
+        "| finding | holds | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {f.claim} | {'yes' if f.holds else 'no'} | {f.evidence} |" for f in findings]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines) + "\n"

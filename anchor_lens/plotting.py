@@ -1,0 +1,74 @@
+"""Figures in the style of *Label Words are Anchors* (Figs. 3, 4 and 5).
+
+Each function draws on a given matplotlib ``Axes`` (or a new figure) and returns the figure, so
+notebook users can compose them and the CLI can save them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .analysis import DeepResult, FlowResult, IsolationResult
+
+__all__ = ["plot_deep", "plot_flow", "plot_isolation"]
+
+
+def _axes(ax: Axes | None, size=(5.0, 3.4)) -> tuple[Figure, Axes]:
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    return fig, ax
+
+
+def plot_flow(flow: FlowResult, ax: Axes | None = None, title: str = "") -> Figure:
+    """Fig. 3: normalised ``S_wp``, ``S_pq``, ``S_ww`` against the layer."""
+    fig, ax = _axes(ax)
+    layers = range(len(flow.S_wp))
+    ax.plot(layers, flow.S_wp, label=r"$S_{wp}$ (text → label)")
+    ax.plot(layers, flow.S_pq, label=r"$S_{pq}$ (label → target)")
+    ax.plot(layers, flow.S_ww, label=r"$S_{ww}$ (rest)")
+    ax.set(xlabel="layer", ylabel="normalised saliency", ylim=(0, 1), title=title)
+    ax.legend(frameon=False)
+    return fig
+
+
+def plot_isolation(iso: IsolationResult, ax: Axes | None = None, title: str = "") -> Figure:
+    """Fig. 4: label and word loyalty when label words / random positions are isolated."""
+    import numpy as np
+
+    fig, ax = _axes(ax)
+    keys = ["label_first", "random_first", "label_last", "random_last"]
+    names = [
+        f"label words\nfirst {iso.k_layers}",
+        f"random\nfirst {iso.k_layers}",
+        f"label words\nlast {iso.k_layers}",
+        f"random\nlast {iso.k_layers}",
+    ]
+    x = np.arange(len(keys))
+    for offset, metric, label in (
+        (-0.2, "label_loyalty", "label loyalty"),
+        (0.2, "word_loyalty", f"word loyalty (top-{iso.top_k})"),
+    ):
+        ax.bar(x + offset, [iso.conditions[k][metric] for k in keys], width=0.4, label=label)
+    ax.set_xticks(x, names)
+    ax.set(ylabel="loyalty", ylim=(0, 1.05), title=title)
+    ax.legend(frameon=False, loc="lower right")
+    return fig
+
+
+def plot_deep(deep: DeepResult, ax: Axes | None = None, title: str = "") -> Figure:
+    """Fig. 5: AUCROC_l and the cumulative share R_l against the layer."""
+    fig, ax = _axes(ax)
+    layers = range(len(deep.aucroc))
+    ax.plot(layers, deep.aucroc, label=r"AUCROC$_l$")
+    ax.plot(layers, deep.r_l, label=r"$R_l$")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="layer", ylabel="value", title=title)
+    ax.legend(frameon=False)
+    return fig

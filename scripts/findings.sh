@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Reproduce the documented findings: `anchor-lens analyze` on the default model for the four
+# paper tasks and on Gemma 3 270M for SST-2, 200 queries each, from ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${DATA:-../shared/data}
+OUT=${OUT:-runs/analyze}
+N=${N:-200}
+run() { .venv/bin/anchor-lens analyze --quiet --n "$N" --seed 42 "$@"; }
+run --task sst2 --data $D/sst2/validation.jsonl --demo-data $D/sst2/train.jsonl --out $OUT/sst2
+run --task agnews --data $D/ag_news/validation.jsonl --demo-data $D/ag_news/train.jsonl --out $OUT/agnews
+run --task emoc --data $D/emo/validation.jsonl --demo-data $D/emo/train.jsonl --out $OUT/emoc
+run --task trec --data $D/trec/train.jsonl --out $OUT/trec   # TREC has one split: demos from the rest
+run --model gemma3-270m --task sst2 --data $D/sst2/validation.jsonl --demo-data $D/sst2/train.jsonl --out $OUT/gemma-sst2

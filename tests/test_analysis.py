@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anchor_lens as al
+from anchor_lens import Example, analysis, metrics
+from anchor_lens.cli import main
+from anchor_lens.hooks import PatternCapture, SaliencyCapture, block_attention_hooks
+from anchor_lens.icl import target_logits
+
+DEMOS = [Example("good fun", 1), Example("bad", 0)]
+SHORT, LONG = Example("ok", 1), Example("a long and very boring film indeed", 0)
+
+
+def _per_example_metrics(model, batch):
+    layers = tuple(range(model.cfg.n_layers))
+    sal, pat = SaliencyCapture(layers), PatternCapture(layers, batch.target_positions)
+    logits = target_logits(model, batch, sal.hooks + pat.hooks)[:, batch.label_token_ids]
+    loss = F.cross_entropy(logits, batch.labels, reduction="sum")
+    saliency = sal.saliency(loss)
+    masks = metrics.flow_masks(batch.attention_mask, batch.label_positions, batch.target_positions)
+    flows = metrics.information_flow(saliency, masks)
+    scores = metrics.class_attention_scores(
+        pat.stacked(), batch.label_positions, batch.demo_labels, 2
+    )
+    return flows, scores.detach()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padding_does_not_change_any_metric(tiny_model, padding_side):
+    batch = al.build_icl_batch(tiny_model, "sst2", DEMOS, [SHORT, LONG], padding_side=padding_side)
+    alone = al.build_icl_batch(tiny_model, "sst2", DEMOS, [SHORT])
+    assert batch.input_ids.shape[1] > alone.input_ids.shape[1]  # the short one is padded
+    flows, scores = _per_example_metrics(tiny_model, batch)
+    flows_alone, scores_alone = _per_example_metrics(tiny_model, alone)
+    for key in flows:
+        assert torch.allclose(flows[key][:, 0], flows_alone[key][:, 0], rtol=1e-4, atol=1e-9)
+    assert torch.allclose(scores[:, 0], scores_alone[:, 0], atol=1e-6)
+
+
+def test_loyalty_is_one_when_nothing_is_isolated(tiny_model):
+    batch = al.build_icl_batch(tiny_model, "sst2", DEMOS, [SHORT, LONG])
+    nobody = torch.full_like(batch.label_positions, -1)
+    with torch.no_grad():
+        ref = target_logits(tiny_model, batch)
+        out = target_logits(tiny_model, batch, block_attention_hooks(range(2), nobody))
+    ids = batch.label_token_ids
+    assert metrics.label_loyalty(ref[:, ids].argmax(-1), out[:, ids].argmax(-1)) == 1.0
+    assert metrics.word_loyalty(ref, out) == 1.0
+
+
+def test_random_positions_avoid_labels_target_and_padding(tiny_llama):
+    batch = al.build_icl_batch(tiny_llama, "sst2", DEMOS, [SHORT, LONG])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = analysis.random_positions(batch, 2, gen)
+        for b in range(len(batch)):
+            picked = set(rows[b].tolist())
+            assert len(picked) == 2
+            assert not picked & set(batch.label_positions[b].tolist())
+            assert all(batch.attention_mask[b, p] == 1 for p in picked)
+            assert all(p < batch.target_positions[b] for p in picked)
+    again = analysis.random_positions(batch, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(again, analysis.random_positions(batch, 2, torch.Generator().manual_seed(0)))
+
+
+def test_experiments_return_per_layer_results(tiny_llama):
+    queries = [SHORT, LONG, Example("great", 1), Example("awful", 0)]
+    n_layers = tiny_llama.cfg.n_layers
+    flow = analysis.information_flow(tiny_llama, "sst2", queries, DEMOS, progress=False)
+    assert len(flow.S_wp) == n_layers and flow.n == 4
+    for layer in range(n_layers):
+        total = flow.S_wp[layer] + flow.S_pq[layer] + flow.S_ww[layer]
+        assert total == pytest.approx(1.0)
+    pred = analysis.information_flow(
+        tiny_llama,
+        "sst2",
+        queries,
+        DEMOS,
+        loss_target="prediction",
+        keep_per_head=True,
+        progress=False,
+    )
+    assert len(pred.per_head["S_pq"]) == n_layers
+    assert len(pred.per_head["S_pq"][0]) == tiny_llama.cfg.n_heads
+    iso = analysis.isolation(tiny_llama, "sst2", queries, DEMOS, k_layers=1, progress=False)
+    assert set(iso.conditions) == {"label_first", "label_last", "random_first", "random_last"}
+    assert iso.layers["label_last"] == [n_layers - 1]
+    deep = analysis.deep_layer_auc(tiny_llama, "sst2", queries, DEMOS, progress=False)
+    assert len(deep.aucroc) == len(deep.r_l) == n_layers
+    assert sum(deep.predicted_classes.values()) == 4
+
+
+def test_experiments_need_demonstrations(tiny_llama):
+    with pytest.raises(ValueError, match="demonstrations"):
+        analysis.isolation(tiny_llama, "sst2", [SHORT], [], k_layers=1, progress=False)
+    with pytest.raises(ValueError, match="k_layers"):
+        analysis.isolation(tiny_llama, "sst2", [SHORT], DEMOS, k_layers=9, progress=False)
+
+
+def test_cli_analyze_writes_results_figures_and_report(tiny_llama_folder, tmp_path, capsys):
+    code = main(
+        [
+            "analyze",
+            "--model",
+            str(tiny_llama_folder),
+            "--n",
+            "6",
+            "--k-layers",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    flow = json.loads((tmp_path / "flow.json").read_text())
+    assert {"S_wp", "S_pq", "S_ww", "S_wp_raw"} <= set(flow) and len(flow["S_wp"]) == 3
+    iso = json.loads((tmp_path / "isolation.json").read_text())
+    assert iso["conditions"]["label_first"]["label_loyalty"] <= 1.0
+    deep = json.loads((tmp_path / "deep.json").read_text())
+    assert len(deep["aucroc"]) == len(deep["r_l"]) == 3
+    for name in ("fig3_flow", "fig4_isolation", "fig5_deep"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    report = (tmp_path / "report.md").read_text()
+    assert "findings of Wang et al." in report and "| finding | holds |" in report
+    assert "paper findings hold" in capsys.readouterr().out
