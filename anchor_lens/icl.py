@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,12 +31,16 @@ __all__ = [
     "iter_batches",
     "label_scores",
     "predict",
+    "draw_episode",
+    "load_pools",
     "run_icl",
     "sample_episode",
     "target_logits",
 ]
 
 Scoring = Literal["first_token", "full_word"]
+#: A function from a batch to the hooks to run it with (positions depend on the batch).
+Intervention = Callable[[ICLBatch], list]
 
 
 @dataclass
@@ -106,10 +110,15 @@ def _continuation_logprobs(model, batch: ICLBatch, tokens: Sequence[int]) -> Ten
 
 @torch.no_grad()
 def label_scores(
-    model, batch: ICLBatch, scoring: Scoring = "first_token"
+    model, batch: ICLBatch, scoring: Scoring = "first_token", fwd_hooks: Sequence = ()
 ) -> tuple[Float[Tensor, "batch n_class"], Float[Tensor, " batch"]]:
-    """Class scores at the target position and the probability mass on label tokens."""
-    logits = target_logits(model, batch).float()
+    """Class scores at the target position and the probability mass on label tokens.
+
+    ``fwd_hooks`` are active during the forward pass (e.g. re-weighting or isolation).
+    """
+    if fwd_hooks and scoring != "first_token":
+        raise ValueError("Hooks index the prompt's positions: use scoring='first_token'.")
+    logits = target_logits(model, batch, fwd_hooks).float()
     first = batch.label_token_ids.to(logits.device)
     mass = logits.softmax(-1)[:, first].sum(-1)
     if scoring == "first_token":
@@ -122,9 +131,19 @@ def label_scores(
     return scores, mass
 
 
-def predict(model, batch: ICLBatch, scoring: Scoring = "first_token") -> Predictions:
-    """Label-restricted prediction for every prompt of ``batch``."""
-    scores, mass = label_scores(model, batch.to(model.cfg.device), scoring)
+def predict(
+    model,
+    batch: ICLBatch,
+    scoring: Scoring = "first_token",
+    intervention: Intervention | None = None,
+) -> Predictions:
+    """Label-restricted prediction for every prompt of ``batch``.
+
+    ``intervention(batch)`` returns hooks to apply (e.g. ``AnchorReweighting.hooks``).
+    """
+    batch = batch.to(model.cfg.device)
+    hooks = intervention(batch) if intervention is not None else ()
+    scores, mass = label_scores(model, batch, scoring, hooks)
     return Predictions(scores.cpu(), mass.cpu(), batch.labels.cpu())
 
 
@@ -180,13 +199,15 @@ def evaluate(
     scoring: Scoring = "first_token",
     padding_side: Literal["left", "right"] = "left",
     prepend_bos: bool | None = None,
+    intervention: Intervention | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Predict every query with the given demonstrations (shared, or one list per query).
 
     An empty ``demonstrations`` is zero-shot ICL: the prompt is the query alone.
     ``padding_side`` and ``prepend_bos`` are passed to
-    :func:`~anchor_lens.prompts.build_icl_batch`.
+    :func:`~anchor_lens.prompts.build_icl_batch`; ``intervention(batch)`` gives hooks to run
+    every batch with.
     """
     task = get_task(task)
     start = time.perf_counter()
@@ -202,7 +223,7 @@ def evaluate(
         prepend_bos=prepend_bos,
         check_label_collisions=scoring == "first_token",
     )
-    preds = [predict(model, batch, scoring) for batch in batches]
+    preds = [predict(model, batch, scoring, intervention) for batch in batches]
     seconds = time.perf_counter() - start
     logits = torch.cat([p.label_logits for p in preds])
     labels = torch.cat([p.labels for p in preds])
@@ -221,6 +242,53 @@ def evaluate(
     )
 
 
+def load_pools(
+    task: str | Task, data: str | Path | None = None, demo_data: str | Path | None = None
+) -> tuple[list[Example], list[Example]]:
+    """``(test, pool)``: where queries and demonstrations come from.
+
+    Queries come from ``data`` (a file, folder or hub id; the task's test split by default).
+    Demonstrations come from ``demo_data``, else the task's demonstration split on the hub,
+    else (a ``data`` file and no ``demo_data``) the same list as the queries.
+    """
+    task = get_task(task)
+    test = load_examples(task, data)
+    if demo_data is not None:
+        return test, load_examples(task, demo_data, split=task.demo_split)
+    if data is None and task.hub_id is not None:
+        return test, load_examples(task, None, split=task.demo_split)
+    return test, test
+
+
+def draw_episode(
+    task: str | Task,
+    test: Sequence[Example],
+    pool: Sequence[Example],
+    *,
+    shots: int = 1,
+    n: int | None = 200,
+    seed: int = 42,
+) -> tuple[list[Example], list[Example]]:
+    """``n`` seeded queries from ``test`` and ``shots`` demonstrations per class from ``pool``.
+
+    The demonstrations are shuffled, shared by all queries and never one of them. When
+    ``pool is test`` the demonstrations are drawn first, so the query set keeps ``n``.
+    """
+    task = get_task(task)
+    rng = random.Random(seed)
+
+    def draw(candidates: list[Example]) -> list[Example]:
+        return rng.sample(candidates, n) if n is not None and n < len(candidates) else candidates
+
+    if pool is test and shots:
+        demos = sample_demonstrations(test, task, shots, seed=seed)
+        taken = {e.text for e in demos}
+        return draw([e for e in test if e.text not in taken]), demos
+    queries = draw(list(test))
+    demos = sample_demonstrations(pool, task, shots, seed=seed, exclude=queries) if shots else []
+    return queries, demos
+
+
 def sample_episode(
     task: str | Task,
     *,
@@ -230,34 +298,9 @@ def sample_episode(
     n: int | None = 200,
     seed: int = 42,
 ) -> tuple[list[Example], list[Example]]:
-    """The paper's sampling protocol: ``(queries, demonstrations)`` for one seed.
-
-    ``n`` queries are drawn (seeded) from ``data`` (a file, folder or hub id; the task's test
-    split by default). ``shots`` demonstrations per class come from ``demo_data`` (the task's
-    demonstration split by default; with a ``data`` file and no ``demo_data``, from the rest
-    of that file), shuffled, shared by all queries, never one of them.
-    """
-    task = get_task(task)
-    test = load_examples(task, data)
-    if demo_data is not None:
-        pool = load_examples(task, demo_data, split=task.demo_split)
-    elif data is None and task.hub_id is not None:
-        pool = load_examples(task, None, split=task.demo_split)
-    else:
-        pool = test
-    rng = random.Random(seed)
-
-    def draw(candidates: list[Example]) -> list[Example]:
-        return rng.sample(candidates, n) if n is not None and n < len(candidates) else candidates
-
-    if pool is test and shots:
-        # One file serves both: take the demonstrations first so the query set stays at n.
-        demos = sample_demonstrations(test, task, shots, seed=seed)
-        taken = {e.text for e in demos}
-        return draw([e for e in test if e.text not in taken]), demos
-    queries = draw(test)
-    demos = sample_demonstrations(pool, task, shots, seed=seed, exclude=queries) if shots else []
-    return queries, demos
+    """The paper's sampling protocol for one seed: :func:`load_pools` + :func:`draw_episode`."""
+    test, pool = load_pools(task, data, demo_data)
+    return draw_episode(task, test, pool, shots=shots, n=n, seed=seed)
 
 
 def run_icl(
