@@ -138,6 +138,18 @@ def _build_parser() -> argparse.ArgumentParser:
     co.add_argument("--n-random", type=int, default=20, help="random draws (default: 20)")
     co.add_argument("--top-k", type=int, default=5, help="tokens for word loyalty")
     co.set_defaults(func=_compress)
+
+    di = sub.add_parser(
+        "diagnose",
+        help="anchor-distance error diagnosis: predicted vs real confusion (Fig. 6)",
+        description="Predicted confusion from label-word keys in the PCA space of target "
+        "queries at one deep layer, real confusion from pairwise ROC AUC of the model's "
+        "probabilities; writes diagnose.json and confusion.png.",
+    )
+    _common(di)
+    di.add_argument("--layer", type=int, default=None, help="layer (default: 3/4 of depth)")
+    di.add_argument("--components", type=int, default=10, help="PCA components (default: 10)")
+    di.set_defaults(func=_diagnose)
     return parser
 
 
@@ -354,6 +366,49 @@ def _compress(args) -> dict:
         f"-> {args.out / 'compress.json'}"
     )
     return summary
+
+
+def _diagnose(args) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .diagnosis import run_diagnosis
+    from .models import load_model
+    from .plotting import plot_confusion
+
+    task = _resolve_task(args)
+    if len(args.seed) != 1:
+        raise ValueError("diagnose takes one --seed; run it once per seed.")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    result = run_diagnosis(
+        model,
+        task,
+        data=args.data,
+        demo_data=args.demo_data,
+        n=args.n,
+        seed=args.seed[0],
+        layer=args.layer,
+        n_components=args.components,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = result.to_json() | {
+        "most_confused_predicted": result.most_confused("predicted"),
+        "most_confused_real": result.most_confused("real"),
+        "task": task,
+        "model": str(args.model),
+    }
+    (args.out / "diagnose.json").write_text(json.dumps(out, indent=2))
+    plot_confusion(result, title=f"{task} · {args.model}").savefig(
+        args.out / "confusion.png", dpi=150
+    )
+    print(
+        f"{task}: most confused predicted {'-'.join(out['most_confused_predicted'])}, real "
+        f"{'-'.join(out['most_confused_real'])}; Spearman ρ {result.spearman:.2f} "
+        f"(layer {result.layer}, n={result.n}) -> {args.out / 'diagnose.json'}"
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .analysis import DeepResult, FlowResult, IsolationResult
+    from .diagnosis import DiagnosisResult
 
-__all__ = ["plot_deep", "plot_flow", "plot_isolation"]
+__all__ = ["plot_confusion", "plot_deep", "plot_flow", "plot_isolation"]
 
 
 def _axes(ax: Axes | None, size=(5.0, 3.4)) -> tuple[Figure, Axes]:
@@ -71,4 +72,28 @@ def plot_deep(deep: DeepResult, ax: Axes | None = None, title: str = "") -> Figu
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="layer", ylabel="value", title=title)
     ax.legend(frameon=False)
+    return fig
+
+
+def plot_confusion(diagnosis: DiagnosisResult, title: str = "") -> Figure:
+    """Fig. 6: predicted (anchor distance) and real (pairwise AUC) confusion, side by side."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(diagnosis.labels)
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 1.5 + 0.6 * n), layout="constrained")
+    for ax, matrix, name in (
+        (axes[0], diagnosis.predicted, f"predicted (layer {diagnosis.layer})"),
+        (axes[1], diagnosis.real, "real (pairwise AUC)"),
+    ):
+        m = np.array(matrix, dtype=float)
+        image = ax.imshow(m, vmin=np.nanmin(m), vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(n), diagnosis.labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), diagnosis.labels)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_title(name)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"{title}  Spearman ρ = {diagnosis.spearman:.2f}".strip())
     return fig
