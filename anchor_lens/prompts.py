@@ -14,6 +14,7 @@ left or right padding.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
@@ -84,11 +85,14 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 def _first_token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
-    """Index of the token that holds character ``char`` (offsets may include a leading space)."""
-    for i, (_, end) in enumerate(offsets):
-        if end > char:
-            return i
-    raise IndexError(char)
+    """Index of the token that holds character ``char`` (offsets may include a leading space).
+
+    Offsets of one text are non-decreasing, so this is a binary search on the token ends.
+    """
+    i = bisect.bisect_right([end for _, end in offsets], char)
+    if i == len(offsets):
+        raise IndexError(char)
+    return i
 
 
 def label_tokens(tokenizer: Any, task: str | Task) -> LabelTokens:
@@ -310,6 +314,8 @@ def _tokenise_prompt(tokenizer, task: Task, demos, query, lt: LabelTokens, bos):
 
     prompt = "".join(s for _, _, s in pieces)
     ids, offsets = _encode(tokenizer, prompt)
+    ends = [end for _, end in offsets]
+    starts = [start for start, _ in offsets]
     roles = [int(TokenRole.FORMAT)] * len(ids)
     demo_of = [0] * len(ids)
     label_pos: list[int] = []
@@ -321,15 +327,14 @@ def _tokenise_prompt(tokenizer, task: Task, demos, query, lt: LabelTokens, bos):
             continue
         # Tokens whose characters touch this piece take its role; text wins over formatting
         # when a token straddles both (a merged "word:" is not a pure formatting token).
-        first = _first_token_at(offsets, start)
-        span = [i for i in range(first, len(ids)) if offsets[i][0] < end]
+        span = range(bisect.bisect_right(ends, start), bisect.bisect_left(starts, end))
         for i in span:
             if role == TokenRole.LABEL or roles[i] != TokenRole.TEXT:
                 roles[i] = int(role)
             demo_of[i] = k
         if role == TokenRole.LABEL:
             word = task.label_words[demos[k].label]
-            pos = span[0] if span else -1
+            pos = span[0] if len(span) else -1
             if pos < 0 or ids[pos] != lt.first[demos[k].label] or offsets[pos][0] < start - 1:
                 got = tokenizer.convert_ids_to_tokens(ids[pos]) if pos >= 0 else None
                 raise LabelWordError(
