@@ -35,11 +35,14 @@ from .tasks import Example, Task, get_task
 
 __all__ = [
     "DeepResult",
+    "Finding",
     "FlowResult",
     "IsolationResult",
     "deep_layer_auc",
+    "findings_markdown",
     "information_flow",
     "isolation",
+    "paper_findings",
     "random_positions",
 ]
 
@@ -77,6 +80,7 @@ def information_flow(
     demonstrations,
     *,
     loss_target: LossTarget = "gold",
+    layers: Sequence[int] | None = None,
     batch_size: int = 4,
     keep_per_head: bool = False,
     progress: bool = True,
@@ -88,11 +92,12 @@ def information_flow(
     model's own prediction (``"prediction"``); ``I_l = |Σ_h A ⊙ ∂L/∂A|`` (Eq. 1) feeds
     Eqs. 2–4 (:func:`anchor_lens.metrics.information_flow`).
 
-    ``keep_per_head`` additionally returns the three flows per layer and head (computed on
-    ``|A_h ⊙ ∂L/∂A_h|``) under ``per_head``.
+    ``layers`` restricts the saliency to some layers (default: all); results are listed in
+    that order. ``keep_per_head`` additionally returns the three flows per layer and head
+    (computed on ``|A_h ⊙ ∂L/∂A_h|``) under ``per_head``.
     """
     task = get_task(task)
-    layers = resolve_layers(model, None)
+    layers = resolve_layers(model, layers)
     sums: dict[str, Tensor] = {}
     n = 0
     for batch in iter_batches(

@@ -84,6 +84,10 @@ def test_experiments_return_per_layer_results(tiny_llama):
         progress=False,
     )
     assert len(pred.per_head["S_pq"]) == n_layers
+    chosen = analysis.information_flow(
+        tiny_llama, "sst2", queries, DEMOS, layers=[-1], progress=False
+    )
+    assert chosen.S_pq_raw == pytest.approx(flow.S_pq_raw[-1:], rel=1e-5)
     assert len(pred.per_head["S_pq"][0]) == tiny_llama.cfg.n_heads
     iso = analysis.isolation(tiny_llama, "sst2", queries, DEMOS, k_layers=1, progress=False)
     assert set(iso.conditions) == {"label_first", "label_last", "random_first", "random_last"}
