@@ -59,7 +59,7 @@ def plot_isolation(iso: IsolationResult, ax: Axes | None = None, title: str = ""
         ax.bar(x + offset, [iso.conditions[k][metric] for k in keys], width=0.4, label=label)
     ax.set_xticks(x, names)
     ax.set(ylabel="loyalty", ylim=(0, 1.05), title=title)
-    ax.legend(frameon=False, loc="lower right")
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     return fig
 
 
