@@ -159,12 +159,27 @@ def _resolve_task(args) -> str:
     return "sst2" if args.data else "sentiment-demo"
 
 
-def _evaluate(args) -> dict:
-    from .icl import run_icl
+def _task_and_model(args, one_seed: str | None = None):
+    """The task name and the loaded model; ``one_seed`` names a command that takes one seed."""
     from .models import load_model
 
+    if one_seed and len(args.seed) != 1:
+        raise ValueError(f"{one_seed} takes one --seed; run it once per seed.")
     task = _resolve_task(args)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    return task, load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _write_json(args, name: str, payload: dict) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / name
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def _evaluate(args) -> dict:
+    from .icl import run_icl
+
+    task, model = _task_and_model(args)
     runs = {}
     for seed in args.seed:
         result = run_icl(
@@ -204,13 +219,12 @@ def _evaluate(args) -> dict:
             for seed, r in runs.items()
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    path = _write_json(args, "metrics.json", metrics)
     print(
         f"{task}: {args.shots}-shot accuracy {metrics['accuracy']:.3f} "
         f"(± {metrics['accuracy_std']:.3f} over {len(accs)} seed(s), n={metrics['n']}), "
         f"label mass {metrics['label_mass']:.2f}, "
-        f"{metrics['seconds_per_example']:.3f} s/example -> {args.out / 'metrics.json'}"
+        f"{metrics['seconds_per_example']:.3f} s/example -> {path}"
     )
     return metrics
 
@@ -221,13 +235,9 @@ def _analyze(args) -> dict:
     matplotlib.use("Agg")
     from . import analysis, plotting
     from .icl import sample_episode
-    from .models import load_model
 
-    task = _resolve_task(args)
-    if len(args.seed) != 1:
-        raise ValueError("analyze takes one --seed; run it once per seed.")
+    task, model = _task_and_model(args, one_seed="analyze")
     seed = args.seed[0]
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
     queries, demos = sample_episode(
         task, data=args.data, demo_data=args.demo_data, shots=args.shots, n=args.n, seed=seed
     )
@@ -257,9 +267,8 @@ def _analyze(args) -> dict:
     )
 
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     for name, result in (("flow", flow), ("isolation", iso), ("deep", deep)):
-        (out / f"{name}.json").write_text(json.dumps(result.to_json(), indent=2))
+        _write_json(args, f"{name}.json", result.to_json())
     title = f"{task} · {args.model}"
     for name, plot, result in (
         ("fig3_flow", plotting.plot_flow, flow),
@@ -284,11 +293,9 @@ def _analyze(args) -> dict:
 
 
 def _reweight(args) -> dict:
-    from .models import load_model
     from .reweighting import run_reweighting
 
-    task = _resolve_task(args)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    task, model = _task_and_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seed:
@@ -312,21 +319,19 @@ def _reweight(args) -> dict:
         for key in ("accuracy_1shot", "accuracy_5shot", "accuracy_reweighted")
     }
     summary.update(n=runs[0].n, task=task, model=str(args.model), seeds=[r.to_json() for r in runs])
-    (args.out / "reweight.json").write_text(json.dumps(summary, indent=2))
+    path = _write_json(args, "reweight.json", summary)
     print(
         f"{task}: accuracy 1-shot {summary['accuracy_1shot']:.3f}, 5-shot "
         f"{summary['accuracy_5shot']:.3f}, re-weighted {summary['accuracy_reweighted']:.3f} "
-        f"(n={summary['n']}, {len(runs)} seed(s)) -> {args.out / 'reweight.json'}"
+        f"(n={summary['n']}, {len(runs)} seed(s)) -> {path}"
     )
     return summary
 
 
 def _compress(args) -> dict:
     from .compression import run_compression
-    from .models import load_model
 
-    task = _resolve_task(args)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    task, model = _task_and_model(args)
     runs = [
         run_compression(
             model,
@@ -356,14 +361,13 @@ def _compress(args) -> dict:
         "model": str(args.model),
         "seeds": [r.to_json() for r in runs],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compress.json").write_text(json.dumps(summary, indent=2))
+    path = _write_json(args, "compress.json", summary)
     a = methods["hidden_anchor"]
     print(
         f"{task}: Hidden_anchor label loyalty {a['label_loyalty']:.2f}, word loyalty "
         f"{a['word_loyalty']:.2f}, accuracy {a['accuracy']:.3f} (full ICL "
         f"{methods['full_icl']['accuracy']:.3f}), {summary['speedup']:.2f}x faster "
-        f"-> {args.out / 'compress.json'}"
+        f"-> {path}"
     )
     return summary
 
@@ -373,13 +377,9 @@ def _diagnose(args) -> dict:
 
     matplotlib.use("Agg")
     from .diagnosis import run_diagnosis
-    from .models import load_model
     from .plotting import plot_confusion
 
-    task = _resolve_task(args)
-    if len(args.seed) != 1:
-        raise ValueError("diagnose takes one --seed; run it once per seed.")
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    task, model = _task_and_model(args, one_seed="diagnose")
     result = run_diagnosis(
         model,
         task,
@@ -392,21 +392,20 @@ def _diagnose(args) -> dict:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     out = result.to_json() | {
         "most_confused_predicted": result.most_confused("predicted"),
         "most_confused_real": result.most_confused("real"),
         "task": task,
         "model": str(args.model),
     }
-    (args.out / "diagnose.json").write_text(json.dumps(out, indent=2))
+    path = _write_json(args, "diagnose.json", out)
     plot_confusion(result, title=f"{task} · {args.model}").savefig(
         args.out / "confusion.png", dpi=150
     )
     print(
         f"{task}: most confused predicted {'-'.join(out['most_confused_predicted'])}, real "
         f"{'-'.join(out['most_confused_real'])}; Spearman ρ {result.spearman:.2f} "
-        f"(layer {result.layer}, n={result.n}) -> {args.out / 'diagnose.json'}"
+        f"(layer {result.layer}, n={result.n}) -> {path}"
     )
     return out
 
