@@ -166,3 +166,16 @@ def test_scale_attention_is_differentiable_and_targets_one_row(tiny_model, batch
     other = torch.ones_like(plain, dtype=torch.bool)
     other[rows, :, q] = False
     assert torch.equal(doubled[other], plain[other])
+
+
+def test_library_calls_keep_hooks_the_user_added(tiny_llama, batch):
+    calls = []
+    tiny_llama.add_hook(pattern_hook_name(0), lambda pattern, hook: calls.append(hook.layer()))
+    try:
+        al.predict(tiny_llama, batch)
+        assert calls == [0]  # the user's hook ran inside predict
+        with torch.no_grad():
+            tiny_llama(**batch.model_inputs())
+        assert calls == [0, 0]  # and is still registered afterwards
+    finally:
+        tiny_llama.reset_hooks()
