@@ -150,6 +150,42 @@ def _build_parser() -> argparse.ArgumentParser:
     di.add_argument("--layer", type=int, default=None, help="layer (default: 3/4 of depth)")
     di.add_argument("--components", type=int, default=10, help="PCA components (default: 10)")
     di.set_defaults(func=_diagnose)
+
+    lc = sub.add_parser(
+        "long-context",
+        help="LM-Infinite: NLL per position and passkey retrieval past the pre-training length",
+        description="Per-position NLL of long text and passkey retrieval with full attention, "
+        "LM-Infinite (Λ attention + distance limit) and windowed attention; writes "
+        "long_context.json, nll.png and passkey.png.",
+    )
+    lc.add_argument("--model", default="default", help="as for the other commands")
+    lc.add_argument(
+        "--text",
+        type=Path,
+        help="a plain-text file of long text (default: the texts of --task/--data joined)",
+    )
+    lc.add_argument("--task", default="agnews", help="task whose texts to join (default: agnews)")
+    lc.add_argument("--data", help="file or folder for --task (default: its hub test split)")
+    lc.add_argument(
+        "--length", type=int, default=None, help="NLL window in tokens (default: 1.5 x L)"
+    )
+    lc.add_argument("--n-windows", type=int, default=1, help="disjoint windows to average")
+    lc.add_argument("--bin-size", type=int, default=256, help="positions per NLL bin")
+    lc.add_argument(
+        "--passkey-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="passkey prompt lengths (default: L/2 and 1.25 x L; none to skip)",
+    )
+    lc.add_argument("--passkey-trials", type=int, default=3, help="key depths per length")
+    lc.add_argument("--n-global", type=int, default=10, help="global tokens (default: 10)")
+    lc.add_argument("--seed", type=int, default=0, help="seed for the passkeys")
+    lc.add_argument("--out", required=True, type=Path, help="output folder")
+    lc.add_argument("--device", default=None, help="torch device")
+    lc.add_argument("--dtype", type=_dtype, default="float32", help="model dtype")
+    lc.add_argument("--quiet", action="store_true", help="no progress bars")
+    lc.set_defaults(func=_long_context)
     return parser
 
 
@@ -408,6 +444,61 @@ def _diagnose(args) -> dict:
         f"(layer {result.layer}, n={result.n}) -> {path}"
     )
     return out
+
+
+def _long_context(args) -> dict:
+    from .lminfinite import pretrain_length
+    from .long_context import long_token_windows, nll_curves, passkey_accuracy
+    from .models import load_model, plain_hf_model
+    from .plotting import plot_nll, plot_passkey
+    from .tasks import load_examples
+
+    bridge = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = plain_hf_model(bridge), bridge.tokenizer
+    limit = pretrain_length(model)
+    length = args.length or limit * 3 // 2
+    if args.text is not None:
+        texts = [args.text.read_text()]
+        source = str(args.text)
+    else:
+        texts = (e.text for e in load_examples(args.task, args.data))
+        source = f"{args.task} texts from {args.data or 'the hub'}, joined by blank lines"
+    windows = long_token_windows(tokenizer, texts, length, args.n_windows)
+    curves = nll_curves(
+        model, windows, bin_size=args.bin_size, n_global=args.n_global, progress=not args.quiet
+    )
+    lengths = args.passkey_lengths
+    if lengths is None:
+        lengths = [limit // 2, limit * 5 // 4]
+    passkey = None
+    if lengths:
+        passkey = passkey_accuracy(
+            model,
+            tokenizer,
+            lengths,
+            n_trials=args.passkey_trials,
+            n_global=args.n_global,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    payload = {
+        "model": str(args.model),
+        "text": source,
+        "pretrain_length": limit,
+        "n_global": args.n_global,
+        "nll": curves.to_json(),
+        "passkey": passkey.to_json() if passkey else None,
+    }
+    path = _write_json(args, "long_context.json", payload)
+    name = str(args.model)
+    plot_nll(curves, title=f"{name}: NLL per position").savefig(args.out / "nll.png", dpi=150)
+    if passkey:
+        plot_passkey(passkey, title=f"{name}: passkey").savefig(args.out / "passkey.png", dpi=150)
+    past = {m: round(v["mean_nll_past_L"], 2) for m, v in curves.summary.items()}
+    print(f"mean NLL past L={limit}: {past} -> {path}")
+    if passkey:
+        print(f"passkey accuracy at {passkey.lengths}: {passkey.accuracy}")
+    return payload
 
 
 def main(argv: list[str] | None = None) -> int:

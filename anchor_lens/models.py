@@ -44,6 +44,7 @@ __all__ = [
     "check_attention_hooks",
     "gguf_to_hf_folder",
     "load_model",
+    "plain_hf_model",
 ]
 
 DEFAULT_MODEL = "default"
@@ -301,3 +302,41 @@ def check_attention_hooks(bridge) -> None:
             "GPT-J and OPT), so blocking and re-weighting would silently do nothing. Use a "
             "GPT-2, GPT-NeoX, Llama, Mistral, Qwen2 or Gemma model."
         )
+
+
+_WRAPPED = "._original_component"
+
+
+def plain_hf_model(model) -> torch.nn.Module:
+    """A Hugging Face model with the bridge's weights but none of its hook machinery.
+
+    ``TransformerBridge`` replaces the Hugging Face submodules in place with hooked
+    re-implementations, so the wrapped model no longer dispatches attention through
+    transformers' ``AttentionInterface`` (which fused kernels and
+    :mod:`anchor_lens.lminfinite` rely on). This builds a fresh model of the same class and
+    config whose parameters *are* the bridge's tensors (no copy), so it costs no extra weight
+    memory. A model that is not wrapped is returned as is.
+    """
+    hf = getattr(model, "original_model", model)
+    state = hf.state_dict(keep_vars=True)
+    if not any(_WRAPPED in name for name in state):
+        return hf
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        twin = type(hf)(hf.config)
+    wanted = twin.state_dict()
+    renamed = {name.replace(_WRAPPED, ""): tensor for name, tensor in state.items()}
+    shared = {name: tensor for name, tensor in renamed.items() if name in wanted}
+    missing = twin.load_state_dict(shared, strict=False, assign=True).missing_keys
+    twin.tie_weights()
+    loaded = {tensor.data_ptr() for tensor in shared.values()}
+    # Only tied weights (e.g. lm_head = embed_tokens) may be absent from the bridge's names.
+    unmapped = [name for name in missing if twin.get_parameter(name).data_ptr() not in loaded]
+    if unmapped:
+        raise RuntimeError(f"Could not map these weights from the bridge: {unmapped}.")
+    for name, buffer in hf.named_buffers():
+        target = name.replace(_WRAPPED, "")
+        if target in dict(twin.named_buffers()):
+            twin.get_buffer(target).copy_(buffer)
+    return twin.to(next(hf.parameters()).device).eval()

@@ -14,8 +14,16 @@ if TYPE_CHECKING:
 
     from .analysis import DeepResult, FlowResult, IsolationResult
     from .diagnosis import DiagnosisResult
+    from .long_context import NLLCurves, PasskeyResult
 
-__all__ = ["plot_confusion", "plot_deep", "plot_flow", "plot_isolation"]
+__all__ = [
+    "plot_confusion",
+    "plot_deep",
+    "plot_flow",
+    "plot_isolation",
+    "plot_nll",
+    "plot_passkey",
+]
 
 
 def _axes(ax: Axes | None, size=(5.0, 3.4)) -> tuple[Figure, Axes]:
@@ -96,4 +104,27 @@ def plot_confusion(diagnosis: DiagnosisResult, title: str = "") -> Figure:
         ax.set_title(name)
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.suptitle(f"{title}  Spearman ρ = {diagnosis.spearman:.2f}".strip())
+    return fig
+
+
+def plot_nll(curves: NLLCurves, ax: Axes | None = None, title: str = "") -> Figure:
+    """LM-Infinite Fig. 4: NLL per position bin for each mode; the dashed line marks ``L``."""
+    fig, ax = _axes(ax, size=(6.0, 3.4))
+    centres = [p + curves.bin_size / 2 for p in curves.positions]
+    for mode, values in curves.nll.items():
+        ax.plot(centres, values, label=mode)
+    ax.axvline(curves.pretrain_length, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="position", ylabel="NLL (nats)", title=title)
+    ax.legend(frameon=False)
+    return fig
+
+
+def plot_passkey(result: PasskeyResult, ax: Axes | None = None, title: str = "") -> Figure:
+    """Passkey retrieval accuracy against prompt length for each mode."""
+    fig, ax = _axes(ax)
+    for mode, values in result.accuracy.items():
+        ax.plot(result.lengths, values, marker="o", label=mode)
+    ax.axvline(result.pretrain_length, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="prompt length (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05), title=title)
+    ax.legend(frameon=False)
     return fig
