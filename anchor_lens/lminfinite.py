@@ -95,7 +95,7 @@ class LambdaAttention:
             raise ValueError(f"block_size must be ≥ 1, got {self.block_size}.")
 
     @classmethod
-    def for_model(cls, model, n_global: int = 10, **kwargs) -> LambdaAttention:
+    def for_model(cls, model: torch.nn.Module, n_global: int = 10, **kwargs) -> LambdaAttention:
         """The paper's setting: ``n_local = max_distance = L`` (the model's pre-training length)."""
         length = pretrain_length(model)
         return cls(n_global=n_global, n_local=length, max_distance=length, **kwargs)
@@ -128,12 +128,12 @@ def pretrain_length(model) -> int:
     return int(length)
 
 
-def _layer_type(model, layer: int) -> str | None:
+def _layer_type(model: torch.nn.Module, layer: int) -> str | None:
     types = getattr(_text_config(model), "layer_types", None)
     return types[layer] if types else None
 
 
-def rope_inv_freq(model, layer: int) -> Float[Tensor, " half_rotary_dim"]:
+def rope_inv_freq(model: torch.nn.Module, layer: int) -> Float[Tensor, " half_rotary_dim"]:
     """Inverse frequencies ``θ`` of layer ``layer``'s rotary embedding (``angle = pos · θ``).
 
     Read from the model's rotary module, so scaled variants (Llama 3, YaRN, …) and per-layer
@@ -170,7 +170,7 @@ def rotate(
     return torch.cat([turned.to(x.dtype), tail], dim=-1)
 
 
-def _attention_module(model, layer: int) -> torch.nn.Module:
+def _attention_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     for module in hf_model(model).modules():
         if getattr(module, "layer_idx", None) == layer and hasattr(module, "scaling"):
             return module
@@ -228,7 +228,7 @@ def _full_attention_layers(model) -> tuple[int, ...]:
 
 
 def lambda_attention_hooks(
-    model, attention: LambdaAttention, layers: Sequence[int] | None = None
+    model: torch.nn.Module, attention: LambdaAttention, layers: Sequence[int] | None = None
 ) -> list[HookPair]:
     """Hooks that turn a TransformerBridge's attention into LM-Infinite's Λ attention.
 
@@ -250,7 +250,7 @@ def lambda_attention_hooks(
     return hooks
 
 
-def _layer_hooks(model, attention: LambdaAttention, layer: int) -> list[HookPair]:
+def _layer_hooks(model: torch.nn.Module, attention: LambdaAttention, layer: int) -> list[HookPair]:
     limit = attention.max_distance is not None
     inv_freq = rope_inv_freq(model, layer) if limit else None
     scaling = float(_attention_module(model, layer).scaling) if limit else None
@@ -403,7 +403,7 @@ def _attention_implementation(model: torch.nn.Module, name: str) -> Iterator[Non
 
 
 def forward_hidden(
-    model,
+    model: torch.nn.Module,
     input_ids: Int[Tensor, "batch pos"],
     attention: LambdaAttention | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
@@ -432,7 +432,9 @@ def forward_hidden(
         return body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
 
-def unembed(model, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
+def unembed(
+    model: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos vocab"]:
     """Logits from final hidden states (the model's LM head and any final soft-capping)."""
     hf = hf_model(model)
     logits = hf.get_output_embeddings()(hidden)

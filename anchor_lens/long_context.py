@@ -78,7 +78,7 @@ def long_token_windows(
 
 
 def token_nll(
-    model,
+    model: torch.nn.Module,
     input_ids: Int[Tensor, "batch pos"],
     attention: LambdaAttention | None,
     chunk: int = 1024,
@@ -116,7 +116,7 @@ class NLLCurves:
 
 
 def nll_curves(
-    model,
+    model: torch.nn.Module,
     windows: Int[Tensor, "window length"],
     modes: Sequence[str] = ("full", "lm-infinite", "window"),
     *,
@@ -198,7 +198,7 @@ class PasskeyResult:
 
 
 def passkey_accuracy(
-    model,
+    model: torch.nn.Module,
     tokenizer,
     lengths: Sequence[int],
     modes: Sequence[str] = ("full", "lm-infinite", "window", "truncate"),

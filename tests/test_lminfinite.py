@@ -293,3 +293,37 @@ def test_smollm2_hooks_equal_the_blocked_path(smollm2):
         hooked = smollm2.run_with_hooks(ids, fwd_hooks=lambda_attention_hooks(smollm2, attention))
     blocked = unembed(smollm2, forward_hidden(smollm2, ids, attention))
     torch.testing.assert_close(blocked, hooked, atol=2e-3, rtol=1e-3)
+
+
+def test_gemma3_sliding_layers_keep_their_window(tiny_tokenizer):
+    """Gemma 3: Λ attention on the global layers, the model's own window on sliding layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=24,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        architectures=["Gemma3ForCausalLM"],
+    )
+    torch.manual_seed(0)
+    model = al.load_model(Gemma3ForCausalLM(config).eval(), tokenizer=tiny_tokenizer)
+    ids = torch.randint(3, config.vocab_size, (2, 40))
+    attention = LambdaAttention(n_global=3, n_local=8, max_distance=24, block_size=5)
+    hooks = lambda_attention_hooks(model, attention)
+    assert {name.split(".")[1] for name, _ in hooks} == {"1", "3"}
+    with torch.no_grad():
+        plain = model(ids)
+        hooked = model.run_with_hooks(ids, fwd_hooks=hooks)
+    blocked = unembed(model, forward_hidden(model, ids, attention))
+    torch.testing.assert_close(blocked, hooked, atol=1e-4, rtol=1e-4)
+    assert (hooked - plain).abs().max() > 1e-2
+    covering = LambdaAttention(n_global=2, n_local=40, max_distance=24)
+    blocked = unembed(model, forward_hidden(model, ids, covering))
+    torch.testing.assert_close(blocked, plain, atol=1e-4, rtol=1e-4)
