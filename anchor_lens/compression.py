@@ -131,6 +131,15 @@ def compress_context(model, batch: ICLBatch, keep: Bool[Tensor, " prefix"]) -> C
         return_type="logits_and_cache",
         logits_to_keep=1,
     )
+    windowed = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "sliding_window")]
+    if windowed:
+        # A sliding-window layer caches only its last window, and its mask compares cache
+        # indices, which a sliced cache no longer maps to positions.
+        raise NotImplementedError(
+            f"Anchor-only compression needs full-attention layers; layers {windowed} of this "
+            "model use sliding-window attention (e.g. Gemma 3, Mistral). Use a model without "
+            "sliding-window layers (Llama, Qwen2, GPT-2, Pythia)."
+        )
     kept = keep.nonzero().flatten().to(prefix.device)
     keys = [layer.keys[:, :, kept] for layer in cache.layers]
     values = [layer.values[:, :, kept] for layer in cache.layers]

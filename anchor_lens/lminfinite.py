@@ -314,10 +314,12 @@ def lambda_attention_forward(
 
     A transformers attention function (same signature as ``eager_attention_forward``). Query
     block ``[s, e)`` reads only the global keys ``[0, n_global)`` and the band
-    ``[s - n_local + 1, e)``; the two score blocks are masked as in :func:`lambda_scores` and
-    share one softmax. Grouped-query attention is handled by grouping query heads instead of
-    copying keys. Sliding-window layers (``module.sliding_window``, Gemma 3) keep their own
-    window with no global tokens, as the model does.
+    ``[s - n_local + 1, e)``, masked as in :func:`lambda_scores`, in one fused
+    ``scaled_dot_product_attention`` call (one softmax over both branches; grouped-query
+    attention without copying keys). Memory per block is ``O(block_size · (n_global + n_local
+    + block_size))``; nothing of size ``n × n`` is built. Sliding-window layers
+    (``module.sliding_window``, Gemma 3) keep their own window with no global tokens, as the
+    model does.
     """
     if lm_infinite is None:
         raise ValueError(

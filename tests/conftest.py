@@ -91,6 +91,27 @@ def tiny_hf_model(kind: str, tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_gemma3(tokenizer, max_positions: int = 256, seed: int = 0):
+    """A tiny Gemma 3: sliding-window (width 6) and global layers alternate, 1 kv head."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=max_positions,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        architectures=["Gemma3ForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    return al.load_model(Gemma3ForCausalLM(config).eval(), tokenizer=tokenizer)
+
+
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def tiny_model(request, tiny_tokenizer):
     """A tiny random GPT-2 (absolute positions) or Llama (rotary, GQA) as a TransformerBridge."""

@@ -19,6 +19,8 @@ from anchor_lens.hooks import scores_hook_name
 from anchor_lens.icl import target_logits
 from anchor_lens.prompts import TokenRole
 
+from .conftest import tiny_gemma3
+
 DEMOS = [Example("good fun", 1), Example("bad and slow", 0)]
 QUERIES = [Example("ok", 1), Example("a long and very boring film", 0), Example("nice", 1)]
 
@@ -54,6 +56,14 @@ def test_anchor_cache_equals_masking_the_dropped_positions(tiny_model, batch):
     with torch.no_grad():
         ref = target_logits(tiny_model, batch, hooks)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_sliding_window_models_are_refused_with_the_reason(tiny_tokenizer):
+    gemma = tiny_gemma3(tiny_tokenizer)
+    batch = al.build_icl_batch(gemma, "sst2", DEMOS, QUERIES, padding_side="right")
+    keep = torch.ones(split_prompt(batch), dtype=torch.bool)
+    with pytest.raises(NotImplementedError, match="sliding-window attention"):
+        compress_context(gemma, batch, keep)
 
 
 def test_keep_masks(batch):

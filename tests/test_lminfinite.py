@@ -33,7 +33,7 @@ from anchor_lens.long_context import (
 )
 from anchor_lens.models import plain_hf_model
 
-from .conftest import tiny_hf_model
+from .conftest import tiny_gemma3, tiny_hf_model
 
 INV_FREQ = 1.0 / (100.0 ** (torch.arange(0, 8, 2) / 8))  # head dim 8, fully rotary
 
@@ -297,24 +297,8 @@ def test_smollm2_hooks_equal_the_blocked_path(smollm2):
 
 def test_gemma3_sliding_layers_keep_their_window(tiny_tokenizer):
     """Gemma 3: Λ attention on the global layers, the model's own window on sliding layers."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=24,
-        sliding_window=6,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        architectures=["Gemma3ForCausalLM"],
-    )
-    torch.manual_seed(0)
-    model = al.load_model(Gemma3ForCausalLM(config).eval(), tokenizer=tiny_tokenizer)
-    ids = torch.randint(3, config.vocab_size, (2, 40))
+    model = tiny_gemma3(tiny_tokenizer, max_positions=24)
+    ids = torch.randint(3, model.cfg.d_vocab, (2, 40))
     attention = LambdaAttention(n_global=3, n_local=8, max_distance=24, block_size=5)
     hooks = lambda_attention_hooks(model, attention)
     assert {name.split(".")[1] for name, _ in hooks} == {"1", "3"}
