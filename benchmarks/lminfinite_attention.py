@@ -10,8 +10,9 @@ several lengths:
   distance limit (``n_global`` 10, ``n_local`` = ``max_distance`` = ``--n-local``).
 
 Each (method, length) runs in a fresh process: peak memory is the growth of the process's
-peak RSS during the first call (inputs already allocated), time the best of ``--repeats``
-further calls. Ratios are against ``eager`` at the same length.
+peak RSS during the first call (inputs already allocated; eager's ``n × n`` causal mask
+counts, as Hugging Face builds one for it), time the best of ``--repeats`` further calls.
+Ratios are against ``eager`` at the same length.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def _measure(method: str, n: int, n_local: int, repeats: int) -> dict:
     module = SimpleNamespace(
         layer_idx=0, scaling=d**-0.5, num_key_value_groups=heads // kv_heads, training=False
     )
-    causal = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
     runtime = _Runtime(LambdaAttention(10, n_local, n_local), {0: inv_freq})
 
     def run():
         with torch.no_grad():
-            if method == "eager":
+            if method == "eager":  # the n x n causal mask is part of its cost
+                causal = torch.full((n, n), torch.finfo(q.dtype).min).triu(1)[None, None]
                 return eager_attention_forward(module, q, k, v, causal, scaling=module.scaling)
             if method == "sdpa":
                 return torch.nn.functional.scaled_dot_product_attention(
