@@ -268,6 +268,11 @@ def _layer_hooks(model: torch.nn.Module, attention: LambdaAttention, layer: int)
         q_rot = k_rot = None
         if limit:
             q_rot, k_rot = seen.pop("q"), seen.pop("k")
+            if k_rot.shape[2] != n_k:
+                raise ValueError(
+                    "lambda_attention_hooks need the keys of every position: run the model "
+                    "on the whole sequence, without past_key_values."
+                )
             k_rot = k_rot.repeat_interleave(q_rot.shape[1] // k_rot.shape[1], dim=1)
         return lambda_scores(
             scores,
