@@ -447,6 +447,9 @@ def _diagnose(args) -> dict:
 
 
 def _long_context(args) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
     from .lminfinite import pretrain_length
     from .long_context import long_token_windows, nll_curves, passkey_accuracy
     from .models import load_model, plain_hf_model

@@ -42,7 +42,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .hooks import HookPair, resolve_layers, scores_hook_name
-from .models import plain_hf_model
+from .models import hf_model, plain_hf_model
 
 __all__ = [
     "LAMBDA_ATTENTION",
@@ -108,11 +108,6 @@ class LambdaAttention:
 
 # --------------------------------------------------------------------------------------------
 # Rotary helpers
-
-
-def hf_model(model) -> torch.nn.Module:
-    """The Hugging Face model behind a ``TransformerBridge`` (or the model itself)."""
-    return getattr(model, "original_model", model)
 
 
 def _text_config(model):

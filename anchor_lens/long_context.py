@@ -131,13 +131,13 @@ def nll_curves(
     starts = list(range(0, n, bin_size))
     curves: dict[str, list[float]] = {}
     summary: dict[str, dict[str, float]] = {}
+    if "truncate" in modes:
+        raise ValueError("'truncate' has no per-position NLL; use it for passkey retrieval.")
+    attentions = {mode: attention_for(mode, hf, n_global=n_global) for mode in modes}
     steps = [(mode, row) for mode in modes for row in range(windows.shape[0])]
     per_mode: dict[str, list[Tensor]] = {mode: [] for mode in modes}
     for mode, row in tqdm(steps, desc="NLL", disable=not progress):
-        if mode == "truncate":
-            raise ValueError("'truncate' has no per-position NLL; use it for passkey retrieval.")
-        attention = attention_for(mode, hf, n_global=n_global)
-        per_mode[mode].append(token_nll(hf, windows[row : row + 1], attention)[0])
+        per_mode[mode].append(token_nll(hf, windows[row : row + 1], attentions[mode])[0])
     for mode in modes:
         nll = torch.stack(per_mode[mode]).mean(0)
         curves[mode] = [float(nll[s : s + bin_size].mean()) for s in starts]

@@ -307,6 +307,11 @@ def check_attention_hooks(bridge) -> None:
 _WRAPPED = "._original_component"
 
 
+def hf_model(model) -> torch.nn.Module:
+    """The Hugging Face model behind a ``TransformerBridge`` (or the model itself)."""
+    return getattr(model, "original_model", model)
+
+
 def plain_hf_model(model) -> torch.nn.Module:
     """A Hugging Face model with the bridge's weights but none of its hook machinery.
 
@@ -317,7 +322,7 @@ def plain_hf_model(model) -> torch.nn.Module:
     config whose parameters *are* the bridge's tensors (no copy), so it costs no extra weight
     memory. A model that is not wrapped is returned as is.
     """
-    hf = getattr(model, "original_model", model)
+    hf = hf_model(model)
     state = hf.state_dict(keep_vars=True)
     if not any(_WRAPPED in name for name in state):
         return hf

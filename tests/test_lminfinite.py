@@ -248,6 +248,8 @@ def test_passkey_prompt_and_windows(tiny_tokenizer, short_llama):
         long_token_windows(tiny_tokenizer, ["a short text"], 100, 2)
     windows = long_token_windows(tiny_tokenizer, ["one two three four"] * 50, 30, 3)
     assert windows.shape == (3, 30)
+    with pytest.raises(ValueError, match="passkey"):
+        nll_curves(short_llama, windows, modes=("full", "truncate"), progress=False)
     curves = nll_curves(short_llama, windows[:, :30], bin_size=8, progress=False)
     assert set(curves.nll) == {"full", "lm-infinite", "window"}
     assert len(curves.nll["full"]) == len(curves.positions) == 4
