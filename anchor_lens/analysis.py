@@ -1,10 +1,10 @@
 """The label-anchor experiments of Wang et al. (2023, §2) as functions with typed results.
 
-* :func:`information_flow` — saliency-based flows ``S_wp``, ``S_pq``, ``S_ww`` per layer
+* [`information_flow`][anchor_lens.analysis.information_flow] — saliency-based flows ``S_wp``, ``S_pq``, ``S_ww`` per layer
   (§2.1, Eqs. 1–4, Fig. 3).
-* :func:`isolation` — label and word loyalty when label words are isolated in the first or
+* [`isolation`][anchor_lens.analysis.isolation] — label and word loyalty when label words are isolated in the first or
   last ``k`` layers, against isolating random non-label positions (§2.2, Fig. 4).
-* :func:`deep_layer_auc` — AUCROC_l of the target's attention to label words against the
+* [`deep_layer_auc`][anchor_lens.analysis.deep_layer_auc] — AUCROC_l of the target's attention to label words against the
   model's own prediction, and its cumulative share R_l (§2.3, Fig. 5).
 
 Each takes a model, a task, queries and demonstrations (one list shared by all queries, or one
@@ -90,7 +90,7 @@ def information_flow(
     One forward and one backward pass per batch: the loss is the cross-entropy of the
     label-restricted logits at the target, for the gold label (``loss_target="gold"``) or the
     model's own prediction (``"prediction"``); ``I_l = |Σ_h A ⊙ ∂L/∂A|`` (Eq. 1) feeds
-    Eqs. 2–4 (:func:`anchor_lens.metrics.information_flow`).
+    Eqs. 2–4 ([`information_flow`][anchor_lens.metrics.information_flow]).
 
     ``layers`` restricts the saliency to some layers (default: all); results are listed in
     that order. ``keep_per_head`` additionally returns the three flows per layer and head
@@ -197,7 +197,7 @@ def isolation(
     """Isolate label words (or random positions) in the first / last ``k_layers`` layers.
 
     Isolation sets the pre-softmax scores from each isolated position to every earlier
-    position to the minimum (:func:`~anchor_lens.hooks.block_attention_hooks`). Loyalty
+    position to the minimum ([`block_attention_hooks`][anchor_lens.hooks.block_attention_hooks]). Loyalty
     compares against the unedited run: label loyalty is the agreement of label predictions,
     word loyalty the top-``top_k`` Jaccard similarity of the full next-token distribution.
     Random positions are redrawn per layer and example from a generator seeded with ``seed``.

@@ -176,7 +176,7 @@ def run_diagnosis(
     seed: int = 42,
     **kwargs,
 ) -> DiagnosisResult:
-    """:func:`diagnose` on a seeded 1-shot episode (:func:`~anchor_lens.icl.draw_episode`)."""
+    """[`diagnose`][anchor_lens.diagnosis.diagnose] on a seeded 1-shot episode (`draw_episode`)."""
     test, pool = load_pools(task, data, demo_data)
     queries, demos = draw_episode(task, test, pool, shots=1, n=n, seed=seed)
     return diagnose(model, task, queries, demos, **kwargs)

@@ -45,7 +45,7 @@ Intervention = Callable[[ICLBatch], list]
 
 @dataclass
 class Predictions:
-    """Label-restricted predictions for one :class:`~anchor_lens.prompts.ICLBatch`.
+    """Label-restricted predictions for one [`ICLBatch`][anchor_lens.prompts.ICLBatch].
 
     Attributes:
         label_logits: Score of each class (first-token logit, or whole-word log-probability).
@@ -161,7 +161,7 @@ def iter_batches(
     """Padded batches of ``batch_size`` queries on the model's device, with a progress bar.
 
     ``demonstrations`` is one list shared by all queries or one list per query;
-    ``batch_kwargs`` go to :func:`~anchor_lens.prompts.build_icl_batch`.
+    ``batch_kwargs`` go to [`build_icl_batch`][anchor_lens.prompts.build_icl_batch].
     """
     per_query = bool(demonstrations) and not isinstance(demonstrations[0], Example)
     with tqdm(total=len(queries), desc=desc, unit="ex", disable=not progress) as bar:
@@ -206,7 +206,7 @@ def evaluate(
 
     An empty ``demonstrations`` is zero-shot ICL: the prompt is the query alone.
     ``padding_side`` and ``prepend_bos`` are passed to
-    :func:`~anchor_lens.prompts.build_icl_batch`; ``intervention(batch)`` gives hooks to run
+    [`build_icl_batch`][anchor_lens.prompts.build_icl_batch]; ``intervention(batch)`` gives hooks to run
     every batch with.
     """
     task = get_task(task)
@@ -298,7 +298,7 @@ def sample_episode(
     n: int | None = 200,
     seed: int = 42,
 ) -> tuple[list[Example], list[Example]]:
-    """The paper's sampling protocol for one seed: :func:`load_pools` + :func:`draw_episode`."""
+    """The paper's sampling protocol for one seed: `load_pools` + `draw_episode`."""
     test, pool = load_pools(task, data, demo_data)
     return draw_episode(task, test, pool, shots=shots, n=n, seed=seed)
 
@@ -317,7 +317,7 @@ def run_icl(
     prepend_bos: bool | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """:func:`evaluate` on the queries and demonstrations of :func:`sample_episode`."""
+    """[`evaluate`][anchor_lens.icl.evaluate] on the queries and demonstrations of [`sample_episode`][anchor_lens.icl.sample_episode]."""
     queries, demos = sample_episode(
         task, data=data, demo_data=demo_data, shots=shots, n=n, seed=seed
     )

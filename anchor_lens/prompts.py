@@ -6,7 +6,7 @@ kinds of position: ``p_k``, the label-word token of demonstration ``k`` (the *an
 ``w``, every other token. Anchor-only compression (§3.2) additionally keeps the *formatting*
 tokens (``Review``, ``:``, ``\\n``, ``Sentiment``, ``:``) of each demonstration.
 
-:func:`build_icl_batch` builds the prompt from typed segments (format / text / label), tokenises
+[`build_icl_batch`][anchor_lens.prompts.build_icl_batch] builds the prompt from typed segments (format / text / label), tokenises
 it once with character offsets, and maps every token back to its segment, so the positions are
 exact for any fast tokenizer (BPE with ``Ġ`` spaces, SentencePiece with ``▁``) and survive
 left or right padding.
@@ -125,7 +125,7 @@ class ICLBatch:
         attention_mask: 1 for real tokens, 0 for padding.
         position_ids: 0-based position of each real token (padding gets 0); pass them to the
             model so left padding does not shift absolute or rotary positions.
-        roles: :class:`TokenRole` of every token.
+        roles: [`TokenRole`][anchor_lens.prompts.TokenRole] of every token.
         demo_index: Demonstration each token belongs to (0…K-1), K for the query, -1 for
             padding and special tokens. A separator belongs to the demonstration before it.
         label_positions: ``p_k`` — the first token of demonstration k's label word.
@@ -237,13 +237,13 @@ def build_icl_batch(
     Args:
         model_or_tokenizer: A TransformerBridge (its tokenizer and ``cfg.n_ctx`` are used) or a
             fast Hugging Face tokenizer.
-        task: Task name or :class:`Task`.
+        task: Task name or [`Task`][anchor_lens.tasks.Task].
         demonstrations: One list shared by every query, or one list per query (same length).
         queries: Examples (gold label kept) or raw strings (label -1).
         padding_side: ``"left"`` puts every target at the last column (cheaper prediction);
             ``"right"`` keeps real tokens at the same columns as an unpadded prompt.
         prepend_bos: Whether the prompt starts with the BOS token. ``None`` follows
-            ``model.cfg.default_prepend_bos`` (as ``model.to_tokens`` does; :func:`load_model`
+            ``model.cfg.default_prepend_bos`` (as ``model.to_tokens`` does; [`load_model`][anchor_lens.models.load_model]
             sets it to the native tokenizer's convention) when a model is given, else what
             the tokenizer does by itself.
         max_length: Context limit; defaults to the model's ``cfg.n_ctx`` when a model is given.

@@ -76,7 +76,7 @@ class AnchorReweighting(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> AnchorReweighting:
-        """Read β written by :meth:`save`."""
+        """Read β written by `save`."""
         from safetensors.torch import load_file
 
         beta = load_file(str(path))["beta"]
@@ -114,7 +114,7 @@ def train_reweighting(
     """Learn β on ``train`` with ``demonstrations`` as the context (the paper's recipe).
 
     Returns the trained module and the mean training loss of each epoch. The model's weights
-    get no gradient (:func:`frozen`); only β is optimised, with Adam.
+    get no gradient ([`frozen`][anchor_lens.reweighting.frozen]); only β is optimised, with Adam.
     """
     task = get_task(task)
     module = AnchorReweighting.for_model(model, len(demonstrations))
@@ -177,7 +177,7 @@ def run_reweighting(
 ) -> tuple[ReweightResult, AnchorReweighting]:
     """The paper's protocol (§3.1): same queries, three ways.
 
-    1-shot demonstrations and queries as in :func:`~anchor_lens.icl.sample_episode`; β is
+    1-shot demonstrations and queries as in [`sample_episode`][anchor_lens.icl.sample_episode]; β is
     trained on ``train_per_class`` further examples per class (never a query or a
     demonstration); the 5-shot baseline draws 5 demonstrations per class (never a query).
     """
