@@ -1,10 +1,13 @@
 """The label-anchor experiments of Wang et al. (2023, §2) as functions with typed results.
 
-* [`information_flow`][anchor_lens.analysis.information_flow] — saliency-based flows ``S_wp``, ``S_pq``, ``S_ww`` per layer
+* [`information_flow`][anchor_lens.analysis.information_flow] — saliency-based flows ``S_wp``,
+  ``S_pq``, ``S_ww`` per layer
   (§2.1, Eqs. 1–4, Fig. 3).
-* [`isolation`][anchor_lens.analysis.isolation] — label and word loyalty when label words are isolated in the first or
+* [`isolation`][anchor_lens.analysis.isolation] — label and word loyalty when label words are
+  isolated in the first or
   last ``k`` layers, against isolating random non-label positions (§2.2, Fig. 4).
-* [`deep_layer_auc`][anchor_lens.analysis.deep_layer_auc] — AUCROC_l of the target's attention to label words against the
+* [`deep_layer_auc`][anchor_lens.analysis.deep_layer_auc] — AUCROC_l of the target's attention to
+  label words against the
   model's own prediction, and its cumulative share R_l (§2.3, Fig. 5).
 
 Each takes a model, a task, queries and demonstrations (one list shared by all queries, or one
@@ -197,7 +200,8 @@ def isolation(
     """Isolate label words (or random positions) in the first / last ``k_layers`` layers.
 
     Isolation sets the pre-softmax scores from each isolated position to every earlier
-    position to the minimum ([`block_attention_hooks`][anchor_lens.hooks.block_attention_hooks]). Loyalty
+    position to the minimum ([`block_attention_hooks`][anchor_lens.hooks.block_attention_hooks]).
+    Loyalty
     compares against the unedited run: label loyalty is the agreement of label predictions,
     word loyalty the top-``top_k`` Jaccard similarity of the full next-token distribution.
     Random positions are redrawn per layer and example from a generator seeded with ``seed``.

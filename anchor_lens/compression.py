@@ -106,7 +106,8 @@ def anchor_keep_mask(batch: ICLBatch, split: int) -> Bool[Tensor, " prefix"]:
 def random_keep_mask(
     batch: ICLBatch, split: int, generator: torch.Generator
 ) -> Bool[Tensor, " prefix"]:
-    """Hidden_random: like [`anchor_keep_mask`][anchor_lens.compression.anchor_keep_mask], each label word swapped for a random
+    """Hidden_random: like [`anchor_keep_mask`][anchor_lens.compression.anchor_keep_mask], each
+    label word swapped for a random
     text token of its own demonstration."""
     roles = batch.roles[0, :split].cpu()
     demo = batch.demo_index[0, :split].cpu()

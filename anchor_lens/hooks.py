@@ -14,12 +14,16 @@ Hooks read the number of layers and heads from the tensors they receive, so they
 model, grouped-query attention included (TransformerLens expands scores and patterns to the
 query heads).
 
-* [`saliency_hooks`][anchor_lens.hooks.saliency_hooks] — capture ``A ⊙ ∂L/∂A`` (Eq. 1) for every layer in one backward pass.
-* [`block_attention_hooks`][anchor_lens.hooks.block_attention_hooks] — forbid chosen query positions to attend to earlier positions
+* [`saliency_hooks`][anchor_lens.hooks.saliency_hooks] — capture ``A ⊙ ∂L/∂A`` (Eq. 1) for every
+  layer in one backward pass.
+* [`block_attention_hooks`][anchor_lens.hooks.block_attention_hooks] — forbid chosen query
+  positions to attend to earlier positions
   (pre-softmax, the paper's label-word isolation, §2.2).
-* [`scale_attention_hooks`][anchor_lens.hooks.scale_attention_hooks] — multiply post-softmax attention ``A(q, p)`` by a (trainable)
+* [`scale_attention_hooks`][anchor_lens.hooks.scale_attention_hooks] — multiply post-softmax
+  attention ``A(q, p)`` by a (trainable)
   tensor, as anchor re-weighting does (§3.1, Eq. 9).
-* [`capture_pattern_hooks`][anchor_lens.hooks.capture_pattern_hooks] — keep post-softmax patterns (or a slice of them).
+* [`capture_pattern_hooks`][anchor_lens.hooks.capture_pattern_hooks] — keep post-softmax patterns
+  (or a slice of them).
 """
 
 from __future__ import annotations
@@ -202,7 +206,8 @@ def _put_rows(
 
 @dataclass
 class PatternCapture:
-    """Patterns captured by [`capture_pattern_hooks`][anchor_lens.hooks.capture_pattern_hooks], keyed by layer."""
+    """Patterns captured by [`capture_pattern_hooks`][anchor_lens.hooks.capture_pattern_hooks],
+    keyed by layer."""
 
     layers: tuple[int, ...]
     query_positions: Tensor | None = None

@@ -206,7 +206,8 @@ def evaluate(
 
     An empty ``demonstrations`` is zero-shot ICL: the prompt is the query alone.
     ``padding_side`` and ``prepend_bos`` are passed to
-    [`build_icl_batch`][anchor_lens.prompts.build_icl_batch]; ``intervention(batch)`` gives hooks to run
+    [`build_icl_batch`][anchor_lens.prompts.build_icl_batch]; ``intervention(batch)`` gives hooks
+    to run
     every batch with.
     """
     task = get_task(task)
@@ -317,7 +318,8 @@ def run_icl(
     prepend_bos: bool | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """[`evaluate`][anchor_lens.icl.evaluate] on the queries and demonstrations of [`sample_episode`][anchor_lens.icl.sample_episode]."""
+    """[`evaluate`][anchor_lens.icl.evaluate] on the queries and demonstrations of
+    [`sample_episode`][anchor_lens.icl.sample_episode]."""
     queries, demos = sample_episode(
         task, data=data, demo_data=demo_data, shots=shots, n=n, seed=seed
     )

@@ -18,10 +18,12 @@ windowed attention, which the paper shows fails.
 
 Two implementations, numerically equal on inputs both can run:
 
-* [`lambda_attention_hooks`][anchor_lens.lminfinite.lambda_attention_hooks] — composable TransformerLens hooks on ``hook_rot_q``,
+* [`lambda_attention_hooks`][anchor_lens.lminfinite.lambda_attention_hooks] — composable
+  TransformerLens hooks on ``hook_rot_q``,
   ``hook_rot_k`` and ``hook_attn_scores``, for analysis: patterns and saliency stay visible;
   cost O(n²) like any hooked forward.
-* [`forward_hidden`][anchor_lens.lminfinite.forward_hidden] with ``attention=LambdaAttention(...)`` — a blocked attention function
+* [`forward_hidden`][anchor_lens.lminfinite.forward_hidden] with ``attention=LambdaAttention(...)``
+  — a blocked attention function
   registered through transformers' ``AttentionInterface``: queries are processed in blocks that
   read only the global keys and their own band, so time and memory are O(n · n_local) and the
   ``n × n`` score matrix never exists.
@@ -229,7 +231,8 @@ def lambda_attention_hooks(
 
     Per layer: ``hook_rot_q`` and ``hook_rot_k`` keep the rotated queries and keys of the
     current forward (only when ``max_distance`` is set), and ``hook_attn_scores`` applies
-    [`lambda_scores`][anchor_lens.lminfinite.lambda_scores] before the model's own softmax. Everything else — patterns,
+    [`lambda_scores`][anchor_lens.lminfinite.lambda_scores] before the model's own softmax.
+    Everything else — patterns,
     saliency, other hooks — works as usual, so these compose with the rest of the library.
 
     Args:
@@ -314,7 +317,8 @@ def lambda_attention_forward(
 
     A transformers attention function (same signature as ``eager_attention_forward``). Query
     block ``[s, e)`` reads only the global keys ``[0, n_global)`` and the band
-    ``[s - n_local + 1, e)``, masked as in [`lambda_scores`][anchor_lens.lminfinite.lambda_scores], in one fused
+    ``[s - n_local + 1, e)``, masked as in [`lambda_scores`][anchor_lens.lminfinite.lambda_scores],
+    in one fused
     ``scaled_dot_product_attention`` call (one softmax over both branches; grouped-query
     attention without copying keys). Memory per block is ``O(block_size · (n_global + n_local
     + block_size))``; nothing of size ``n × n`` is built. Sliding-window layers
@@ -412,10 +416,13 @@ def forward_hidden(
     """Final hidden states (after the last norm) of a long input, without hooks.
 
     ``attention=None`` is ordinary full attention through PyTorch's fused SDPA kernel;
-    a [`LambdaAttention`][anchor_lens.lminfinite.LambdaAttention] runs the blocked O(n · n_local) path. ``model`` is a Hugging
+    a [`LambdaAttention`][anchor_lens.lminfinite.LambdaAttention] runs the blocked O(n · n_local)
+    path. ``model`` is a Hugging
     Face model; a ``TransformerBridge`` works too but pays for
-    [`plain_hf_model`][anchor_lens.models.plain_hf_model] on every call, so convert it once for repeated
-    calls. Unembed with [`unembed`][anchor_lens.lminfinite.unembed] chunk by chunk: full logits of a long input are large.
+    [`plain_hf_model`][anchor_lens.models.plain_hf_model] on every call, so convert it once for
+    repeated
+    calls. Unembed with [`unembed`][anchor_lens.lminfinite.unembed] chunk by chunk: full logits of
+    a long input are large.
     """
     hf = plain_hf_model(model)
     body = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model

@@ -7,7 +7,8 @@ Four ways to read a long input, named by ``mode``:
 * ``"window"`` — plain windowed attention of width ``L`` (no global tokens: fails too);
 * ``"truncate"`` — passkey only: keep the last ``L`` tokens of the prompt.
 
-Everything runs on the efficient path ([`forward_hidden`][anchor_lens.lminfinite.forward_hidden]), so the
+Everything runs on the efficient path ([`forward_hidden`][anchor_lens.lminfinite.forward_hidden]),
+so the
 ``n × n`` score matrix is never built and logits are unembedded chunk by chunk.
 """
 

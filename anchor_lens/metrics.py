@@ -1,7 +1,8 @@
 """Metrics of *Label Words are Anchors* (Wang et al. 2023): information flow, loyalty, AUCROC_l.
 
 All functions take tensors whose positions index the padded batch (as produced by
-[`build_icl_batch`][anchor_lens.prompts.build_icl_batch]) and use the attention mask, so padding never
+[`build_icl_batch`][anchor_lens.prompts.build_icl_batch]) and use the attention mask, so padding
+never
 enters a metric.
 """
 

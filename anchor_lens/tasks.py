@@ -2,7 +2,8 @@
 
 The four tasks of *Label Words are Anchors* (Wang et al. 2023, §2 "Experimental Settings" and
 Appendix Table 4) are registered under ``sst2``, ``trec``, ``agnews`` and ``emoc``; any other
-task is a [`Task`][anchor_lens.tasks.Task] built by the user (any template, label words and columns).
+task is a [`Task`][anchor_lens.tasks.Task] built by the user (any template, label words and
+columns).
 
 A template holds ``{text}`` and ``{label}``; a demonstration is the filled template and the
 query is the template cut just before ``{label}`` with trailing whitespace removed, so the
@@ -47,7 +48,8 @@ class Task:
         label_words: One word per class, indexed by the dataset's label id.
         text_column: Column holding the input text.
         label_column: Column holding the integer class id.
-        hub_id: Hugging Face dataset id used by [`load_examples`][anchor_lens.tasks.load_examples] when no file is given.
+        hub_id: Hugging Face dataset id used by [`load_examples`][anchor_lens.tasks.load_examples]
+        when no file is given.
         hub_config: Dataset configuration name, if the hub dataset has several.
         demo_split: Hub split that demonstrations are drawn from.
         test_split: Hub split that queries are drawn from.
@@ -182,7 +184,8 @@ _ALIASES = {"sst-2": "sst2", "ag_news": "agnews", "ag-news": "agnews", "emo": "e
 
 
 def get_task(task: str | Task) -> Task:
-    """Look up a registered task by name (case-insensitive), or return a [`Task`][anchor_lens.tasks.Task] as is."""
+    """Look up a registered task by name (case-insensitive), or return a
+    [`Task`][anchor_lens.tasks.Task] as is."""
     if isinstance(task, Task):
         return task
     key = _ALIASES.get(task.lower(), task.lower())
