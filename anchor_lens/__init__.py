@@ -3,8 +3,18 @@
 Built around *Label Words are Anchors* (Wang et al., EMNLP 2023).
 """
 
-from .icl import EvalResult, Predictions, evaluate, label_scores, predict, run_icl
-from .models import AttentionNotExposedError, check_attention_hooks, load_model
+from . import analysis, episodes, hooks, metrics
+from .episodes import Episode, Pools, draw_episode, load_pools, sample_episode
+from .icl import (
+    EvalResult,
+    Predictions,
+    evaluate,
+    label_scores,
+    predict,
+    run_icl,
+    target_logits,
+)
+from .models import AttentionNotExposedError, check_attention_hooks, check_model_source, load_model
 from .prompts import (
     ICLBatch,
     LabelWordError,
@@ -14,31 +24,51 @@ from .prompts import (
     label_tokens,
     tokenizer_adds_bos,
 )
-from .tasks import TASKS, Example, Task, get_task, load_examples, sample_demonstrations
+from .tasks import (
+    TASKS,
+    Example,
+    HubUnreachableError,
+    Task,
+    get_task,
+    load_examples,
+    sample_demonstrations,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TASKS",
     "AttentionNotExposedError",
+    "Episode",
     "EvalResult",
     "Example",
+    "HubUnreachableError",
     "ICLBatch",
     "LabelWordError",
+    "Pools",
     "Predictions",
     "PromptTooLongError",
     "Task",
     "TokenRole",
+    "analysis",
     "build_icl_batch",
     "check_attention_hooks",
+    "check_model_source",
+    "draw_episode",
+    "episodes",
     "evaluate",
     "get_task",
+    "hooks",
     "label_scores",
     "label_tokens",
     "load_examples",
     "load_model",
+    "load_pools",
+    "metrics",
     "predict",
     "run_icl",
     "sample_demonstrations",
+    "sample_episode",
+    "target_logits",
     "tokenizer_adds_bos",
 ]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
@@ -70,6 +71,7 @@ class FlowResult:
     S_ww_raw: list[float]
     n: int
     loss_target: str
+    exclude_special: bool = True
     per_head: dict[str, list[list[float]]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -86,6 +88,7 @@ def information_flow(
     layers: Sequence[int] | None = None,
     batch_size: int = 4,
     keep_per_head: bool = False,
+    exclude_special: bool = True,
     progress: bool = True,
 ) -> FlowResult:
     """Saliency flows ``S_wp``, ``S_pq``, ``S_ww`` for every layer, averaged over queries.
@@ -98,6 +101,12 @@ def information_flow(
     ``layers`` restricts the saliency to some layers (default: all); results are listed in
     that order. ``keep_per_head`` additionally returns the three flows per layer and head
     (computed on ``|A_h ⊙ ∂L/∂A_h|``) under ``per_head``.
+
+    ``exclude_special`` leaves special tokens (a BOS the tokenizer policy adds, e.g. Gemma's
+    ``<bos>``; ``TokenRole.SPECIAL``) out of every pair set: a BOS is no word of the prompt,
+    and as the attention sink of many heads it would dominate ``S_wp`` and ``S_ww``. Prompts
+    without special tokens (GPT-2, SmolLM2) are unaffected; set it to ``False`` to count
+    them as words, as the paper's GPT-2 setting implicitly did.
     """
     task = get_task(task)
     layers = resolve_layers(model, layers)
@@ -122,13 +131,18 @@ def information_flow(
             loss = F.cross_entropy(logits.float(), target, reduction="sum")
             grads = capture.gradients(loss)  # [layer, batch, head, q, k]
         masks = metrics.flow_masks(
-            batch.attention_mask, batch.label_positions, batch.target_positions
+            batch.attention_mask,
+            batch.label_positions,
+            batch.target_positions,
+            exclude=batch.roles == TokenRole.SPECIAL if exclude_special else None,
         )
-        flows = metrics.information_flow(grads.sum(2).abs(), masks)
+        # Eq. 1: heads summed first, then the absolute value.
+        saliency = einops.reduce(grads, "layer batch head q k -> layer batch q k", "sum").abs()
+        flows = metrics.information_flow(saliency, masks)
         if keep_per_head:
             head_flows = metrics.information_flow(
-                grads.abs().transpose(1, 2),  # [layer, head, batch, q, k]
-                metrics.FlowMasks(masks.wp[None], masks.pq[None], masks.ww[None]),
+                einops.rearrange(grads.abs(), "layer batch head q k -> layer head batch q k"),
+                masks,
             )
             for key, v in head_flows.items():  # [layer, head, batch]
                 sums[f"{key}_head"] = sums.get(f"{key}_head", 0) + v.sum(-1).detach()
@@ -145,6 +159,7 @@ def information_flow(
         **{f"{k}_raw": v.tolist() for k, v in raw.items()},
         n=n,
         loss_target=loss_target,
+        exclude_special=exclude_special,
         per_head=per_head,
     )
 
@@ -257,12 +272,22 @@ def isolation(
 # ------------------------------------------------------------------------------ deep layers
 @dataclass
 class DeepResult:
-    """AUCROC_l and R_l per layer (Fig. 5), with the predictions they were scored against."""
+    """AUCROC_l and R_l per layer (Fig. 5), with the predictions they were scored against.
 
-    aucroc: list[float]
-    r_l: list[float]
+    ``aucroc`` and ``r_l`` hold ``None`` where they are undefined, and ``undefined_reason``
+    says why (e.g. the model predicted one class for every query).
+    """
+
+    aucroc: list[float | None]
+    r_l: list[float | None]
     n: int
     predicted_classes: dict[str, int]
+    binary_score: str = "raw"
+    undefined_reason: str | None = None
+
+    @property
+    def defined(self) -> bool:
+        return all(a is not None for a in self.aucroc)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -274,11 +299,14 @@ def deep_layer_auc(
     queries: Sequence[Example],
     demonstrations,
     *,
+    binary_score: metrics.BinaryScore = "raw",
     batch_size: int = 8,
     progress: bool = True,
 ) -> DeepResult:
-    """AUCROC_l of ``Σ_h A_l(q, p_i)`` (per class, normalised) against the model's prediction.
+    """AUCROC_l of ``Σ_h Σ_{k: class c} A_l(q, p_k)`` against the model's own prediction.
 
+    Scored as [`aucroc_per_layer`][anchor_lens.metrics.aucroc_per_layer] does (the official
+    code: raw class attention with two predicted classes, normalised one-vs-one with more).
     Only the target row of each layer's pattern is kept, so memory does not grow with the
     square of the prompt length.
     """
@@ -306,24 +334,40 @@ def deep_layer_auc(
             )
     score = torch.cat(scores, dim=1)
     pred = torch.cat(preds)
-    auc = metrics.aucroc_per_layer(score, pred)
+    auc = metrics.aucroc_per_layer(score, pred, binary_score)
     counts = torch.bincount(pred, minlength=task.n_classes).tolist()
+    reason = metrics.aucroc_undefined_reason(pred)
+    if reason is not None:
+        reason = reason.replace(f"class {int(pred[0])}", repr(task.label_words[int(pred[0])]))
+    r_l = metrics.cumulative_r(auc)
+    if reason is None and any(r is None for r in r_l):
+        reason = "R_l: the AUCROC_l gains over 0.5 sum to zero across layers"
     return DeepResult(
         aucroc=auc,
-        r_l=metrics.cumulative_r(auc),
+        r_l=r_l,
         n=len(pred),
         predicted_classes=dict(zip(task.label_words, counts, strict=True)),
+        binary_score=binary_score,
+        undefined_reason=reason,
     )
 
 
 # --------------------------------------------------------------------------------- findings
 @dataclass
 class Finding:
-    """One of the paper's claims checked on a run: does it hold, and the numbers behind it."""
+    """One of the paper's claims checked on a run: does it hold, and the numbers behind it.
+
+    ``holds`` is ``None`` when the claim cannot be checked on this run (its metric is
+    undefined); ``evidence`` then says why.
+    """
 
     claim: str
-    holds: bool
+    holds: bool | None
     evidence: str
+
+    @property
+    def verdict(self) -> str:
+        return {True: "yes", False: "no", None: "undefined"}[self.holds]
 
 
 def paper_findings(flow: FlowResult, iso: IsolationResult, deep: DeepResult) -> list[Finding]:
@@ -345,10 +389,19 @@ def paper_findings(flow: FlowResult, iso: IsolationResult, deep: DeepResult) -> 
     ww_all = float(np.mean(flow.S_ww))
     c = iso.conditions
     k = iso.k_layers
-    auc = np.asarray(deep.aucroc, dtype=float)
-    peak = int(np.nanargmax(auc)) if np.isfinite(auc).any() else -1
-    r = np.asarray(deep.r_l, dtype=float)
     half = n_layers // 2
+    undefined = f"undefined: {deep.undefined_reason}"
+    if deep.defined:
+        auc = np.asarray(deep.aucroc, dtype=float)
+        peak = int(np.argmax(auc))
+        auc_finding = (peak >= half, f"peak AUCROC_l {auc[peak]:.2f} at layer {peak} of {n_layers}")
+    else:
+        auc_finding = (None, f"AUCROC_l {undefined}")
+    r_half = deep.r_l[half - 1]
+    if r_half is not None:
+        r_finding = (r_half < 0.5, f"R_l at layer {half - 1}: {r_half:.2f}")
+    else:
+        r_finding = (None, f"R_l {undefined}")
     return [
         Finding(
             "Shallow layers: S_wp (text → label words) exceeds S_pq (label words → target).",
@@ -382,15 +435,11 @@ def paper_findings(flow: FlowResult, iso: IsolationResult, deep: DeepResult) -> 
         ),
         Finding(
             "AUCROC_l peaks in the deep half of the model (paper: ≈0.8 in deep layers).",
-            peak >= half,
-            f"peak AUCROC_l {auc[peak]:.2f} at layer {peak} of {n_layers}"
-            if peak >= 0
-            else "AUCROC_l undefined (the model predicted a single class)",
+            *auc_finding,
         ),
         Finding(
             "R_l rises mostly in the middle and deep layers (less than half by mid-depth).",
-            bool(np.isfinite(r[half - 1]) and r[half - 1] < 0.5),
-            f"R_l at layer {half - 1}: {r[half - 1]:.2f}",
+            *r_finding,
         ),
     ]
 
@@ -399,16 +448,20 @@ def findings_markdown(
     findings: list[Finding], *, model: str, task: str, n: int, extra: str = ""
 ) -> str:
     """A short ``report.md``: which of the paper's findings hold for this run."""
-    held = sum(f.holds for f in findings)
+    held = sum(f.holds is True for f in findings)
+    checked = sum(f.holds is not None for f in findings)
+    summary = f"{n} queries; {held} of {checked} checkable findings of Wang et al. (2023, §2) hold"
+    if checked < len(findings):
+        summary += f"; {len(findings) - checked} undefined on this run (see the table)"
     lines = [
         f"# Label words as anchors: {task} on {model}",
         "",
-        f"{n} queries; {held} of {len(findings)} findings of Wang et al. (2023, §2) hold.",
+        summary + ".",
         "",
         "| finding | holds | evidence |",
         "|---|---|---|",
     ]
-    lines += [f"| {f.claim} | {'yes' if f.holds else 'no'} | {f.evidence} |" for f in findings]
+    lines += [f"| {f.claim} | {f.verdict} | {f.evidence} |" for f in findings]
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"

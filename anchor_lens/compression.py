@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from . import metrics
-from .icl import draw_episode, load_pools, target_logits
+from .episodes import Pools, draw_episode, load_pools
+from .icl import target_logits
 from .prompts import ICLBatch, TokenRole, build_icl_batch
 from .tasks import Example, Task, get_task
 
@@ -120,18 +122,51 @@ def random_keep_mask(
     return keep.to(batch.input_ids.device)
 
 
+def _cache_to_past_key_values(module, args, kwargs):
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs = dict(kwargs)
+        kwargs["past_key_values"] = kwargs.pop("cache")
+        return args, kwargs
+    return None
+
+
+@contextmanager
+def _attention_reads_cache(model) -> Iterator[None]:
+    """Let the bridge's attention find the KV cache under whichever name transformers uses.
+
+    From transformers 5.24 the decoder layers hand the cache to their attention as ``cache=``
+    (``past_key_values`` is deprecated), but TransformerLens' bridge attention
+    (``AttentionBridge._update_kv_cache``, up to at least 4.3) looks only for
+    ``past_key_values``/``layer_past``: it neither fills the cache nor reads a cache passed
+    in, silently. This renames ``cache`` back to ``past_key_values`` on the way into every
+    bridge attention module; on older transformers (which pass ``past_key_values``) it does
+    nothing.
+    """
+    handles = [
+        module.register_forward_pre_hook(_cache_to_past_key_values, with_kwargs=True)
+        for module in model.modules()
+        if hasattr(module, "_update_kv_cache")
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def compress_context(model, batch: ICLBatch, keep: Bool[Tensor, " prefix"]) -> CompressedContext:
     """Run the demonstration prefix once and keep its KV cache at ``keep`` positions."""
     split = split_prompt(batch)
     prefix = batch.input_ids[:1, :split]
-    _, cache = model(
-        prefix,
-        attention_mask=torch.ones_like(prefix),
-        position_ids=torch.arange(split, device=prefix.device)[None],
-        return_type="logits_and_cache",
-        logits_to_keep=1,
-    )
+    with _attention_reads_cache(model):
+        _, cache = model(
+            prefix,
+            attention_mask=torch.ones_like(prefix),
+            position_ids=torch.arange(split, device=prefix.device)[None],
+            return_type="logits_and_cache",
+            logits_to_keep=1,
+        )
     windowed = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "sliding_window")]
     if windowed:
         # A sliding-window layer caches only its last window, and its mask compares cache
@@ -140,6 +175,13 @@ def compress_context(model, batch: ICLBatch, keep: Bool[Tensor, " prefix"]) -> C
             f"Anchor-only compression needs full-attention layers; layers {windowed} of this "
             "model use sliding-window attention (e.g. Gemma 3, Mistral). Use a model without "
             "sliding-window layers (Llama, Qwen2, GPT-2, Pythia)."
+        )
+    filled = [cache.get_seq_length(i) for i in range(len(cache.layers))]
+    if len(filled) != model.cfg.n_layers or any(n != split for n in filled):
+        raise RuntimeError(
+            f"The model's KV cache was not filled (cached lengths {filled}, expected "
+            f"{split} in each of {model.cfg.n_layers} layers): this TransformerLens/"
+            "transformers pair does not pass the cache through the bridge's attention."
         )
     kept = keep.nonzero().flatten().to(prefix.device)
     keys = [layer.keys[:, :, kept] for layer in cache.layers]
@@ -158,12 +200,20 @@ def compressed_logits(
     n, n_q = ids.shape
     positions = (split + torch.arange(n_q, device=ids.device))[None].expand(n, -1)
     full_mask = torch.cat([mask.new_ones(n, len(context.kept)), mask], dim=1)
-    logits = model(
-        ids,
-        past_key_values=context.cache_for(n),
-        attention_mask=full_mask,
-        position_ids=positions,
-    )
+    cache = context.cache_for(n)
+    with _attention_reads_cache(model):
+        logits = model(
+            ids,
+            past_key_values=cache,
+            attention_mask=full_mask,
+            position_ids=positions,
+        )
+    if cache.get_seq_length() != len(context.kept) + n_q:
+        raise RuntimeError(
+            "The queries did not attend to the compressed context (the KV cache was not "
+            "extended): this TransformerLens/transformers pair does not pass the cache "
+            "through the bridge's attention."
+        )
     last = mask.sum(-1) - 1
     return logits[torch.arange(n, device=ids.device), last]
 
@@ -186,6 +236,7 @@ class CompressionResult:
     seconds_full: float
     seconds_anchor: float
     speedup: float
+    episode: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -207,6 +258,7 @@ def run_compression(
     *,
     data: str | Path | None = None,
     demo_data: str | Path | None = None,
+    pools: Pools | None = None,
     queries: Sequence[Example] | None = None,
     demonstrations: Sequence[Example] | None = None,
     n: int | None = 200,
@@ -217,16 +269,19 @@ def run_compression(
 ) -> CompressionResult:
     """Full ICL vs Hidden_anchor, Text_anchor, Hidden_random and Hidden_random-top.
 
-    One demonstration per class (or the given ``demonstrations``) shared by all queries.
+    One demonstration per class (or the given ``demonstrations``) shared by all queries
+    (``mode="fixed"``: the compressed cache is the one context every query reads).
     Speed: wall time of full ICL over all queries against building the anchor cache once plus
     answering every query on it, in batches of ``batch_size``, after one warm-up of each.
     ``hidden_random`` is the mean over the ``n_random`` draws, ``hidden_random_top`` the draw
     with the highest label loyalty.
     """
     task = get_task(task)
+    episode = None
     if queries is None or demonstrations is None:
-        test, pool = load_pools(task, data, demo_data)
-        queries, demonstrations = draw_episode(task, test, pool, shots=1, n=n, seed=seed)
+        pools = pools if pools is not None else load_pools(task, data, demo_data)
+        episode = draw_episode(task, pools, shots=1, n=n, seed=seed, mode="fixed")
+        queries, demonstrations = episode.queries, episode.demonstrations
     chunks = [queries[i : i + batch_size] for i in range(0, len(queries), batch_size)]
     batches = [
         build_icl_batch(model, task, demonstrations, c, padding_side="right").to(model.cfg.device)
@@ -286,4 +341,5 @@ def run_compression(
         seconds_full=seconds_full,
         seconds_anchor=seconds_anchor,
         speedup=seconds_full / seconds_anchor,
+        episode=episode.to_json() if episode is not None else None,
     )

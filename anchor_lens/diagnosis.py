@@ -20,6 +20,7 @@ attention each key head is repeated for the query heads that share it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .icl import draw_episode, iter_batches, load_pools, target_logits
+from .episodes import EpisodeMode, Pools, draw_episode, load_pools
+from .icl import iter_batches, target_logits
 from .tasks import Example, Task, get_task
 
 __all__ = ["DiagnosisResult", "diagnose", "predicted_confusion", "real_confusion", "run_diagnosis"]
@@ -37,22 +39,28 @@ __all__ = ["DiagnosisResult", "diagnose", "predicted_confusion", "real_confusion
 
 @dataclass
 class DiagnosisResult:
-    """Predicted and real confusion matrices (rows/columns in label-word order)."""
+    """Predicted and real confusion matrices (rows/columns in label-word order).
+
+    ``real[i][j]`` is ``None`` when no query has gold label ``i`` or ``j`` (no AUC exists);
+    ``spearman`` is ``None`` with fewer than three class pairs defined in both matrices (a
+    two-class task has one pair: the rank correlation is undefined).
+    """
 
     predicted: list[list[float]]
-    real: list[list[float]]
-    spearman: float
+    real: list[list[float | None]]
+    spearman: float | None
     labels: list[str]
     layer: int
     n: int
     accuracy: float
+    episode: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def most_confused(self, which: str = "predicted") -> tuple[str, str]:
         """The pair of classes with the lowest off-diagonal entry."""
-        m = np.array(getattr(self, which), dtype=float)
+        m = np.array([[np.nan if v is None else v for v in row] for row in getattr(self, which)])
         np.fill_diagonal(m, np.inf)
         i, j = np.unravel_index(np.nanargmin(m), m.shape)
         return self.labels[min(i, j)], self.labels[max(i, j)]
@@ -97,7 +105,7 @@ def diagnose(
     model,
     task: str | Task,
     queries: Sequence[Example],
-    demonstrations: Sequence[Example],
+    demonstrations: Sequence[Example] | Sequence[Sequence[Example]],
     *,
     layer: int | None = None,
     n_components: int = 10,
@@ -154,10 +162,10 @@ def diagnose(
     iu = np.triu_indices(task.n_classes, 1)
     a, b = pred.numpy()[iu], real.numpy()[iu]
     ok = np.isfinite(a) & np.isfinite(b)
-    rho = float(spearmanr(a[ok], b[ok]).statistic) if ok.sum() >= 3 else float("nan")
+    rho = float(spearmanr(a[ok], b[ok]).statistic) if ok.sum() >= 3 else None
     return DiagnosisResult(
         predicted=pred.tolist(),
-        real=real.tolist(),
+        real=[[v if math.isfinite(v) else None for v in row] for row in real.tolist()],
         spearman=rho,
         labels=list(task.label_words),
         layer=layer,
@@ -172,11 +180,17 @@ def run_diagnosis(
     *,
     data: str | Path | None = None,
     demo_data: str | Path | None = None,
+    pools: Pools | None = None,
     n: int | None = 200,
     seed: int = 42,
+    mode: EpisodeMode = "per_query",
     **kwargs,
 ) -> DiagnosisResult:
-    """[`diagnose`][anchor_lens.diagnosis.diagnose] on a seeded 1-shot episode (`draw_episode`)."""
-    test, pool = load_pools(task, data, demo_data)
-    queries, demos = draw_episode(task, test, pool, shots=1, n=n, seed=seed)
-    return diagnose(model, task, queries, demos, **kwargs)
+    """[`diagnose`][anchor_lens.diagnosis.diagnose] on one seeded 1-shot
+    [`sample_episode`][anchor_lens.episodes.sample_episode] (fresh demonstrations per query;
+    each class's key is averaged over the episodes)."""
+    pools = pools if pools is not None else load_pools(task, data, demo_data)
+    episode = draw_episode(task, pools, shots=1, n=n, seed=seed, mode=mode)
+    result = diagnose(model, task, episode.queries, episode.demonstrations, **kwargs)
+    result.episode = episode.to_json()
+    return result

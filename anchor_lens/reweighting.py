@@ -26,8 +26,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .episodes import Pools, draw_episode, load_pools
 from .hooks import HookPair, scale_attention_hooks
-from .icl import draw_episode, evaluate, load_pools, target_logits
+from .icl import evaluate, target_logits
 from .prompts import ICLBatch, build_icl_batch
 from .tasks import Example, Task, get_task, sample_demonstrations
 
@@ -156,6 +157,7 @@ class ReweightResult:
     n_train: int
     seed: int
     losses: list[float]
+    episode: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -167,6 +169,7 @@ def run_reweighting(
     *,
     data: str | Path | None = None,
     demo_data: str | Path | None = None,
+    pools: Pools | None = None,
     n: int | None = 200,
     seed: int = 42,
     train_per_class: int = 4,
@@ -177,13 +180,16 @@ def run_reweighting(
 ) -> tuple[ReweightResult, AnchorReweighting]:
     """The paper's protocol (§3.1): same queries, three ways.
 
-    1-shot demonstrations and queries as in [`sample_episode`][anchor_lens.icl.sample_episode]; β is
-    trained on ``train_per_class`` further examples per class (never a query or a
-    demonstration); the 5-shot baseline draws 5 demonstrations per class (never a query).
+    One 1-shot demonstration set shared by all queries
+    ([`draw_episode`][anchor_lens.episodes.draw_episode] with ``mode="fixed"``: β is trained
+    for one context, so the context cannot change per query); β is trained on
+    ``train_per_class`` further examples per class (never a query or a demonstration); the
+    5-shot baseline draws 5 demonstrations per class (never a query).
     """
     task = get_task(task)
-    test, pool = load_pools(task, data, demo_data)
-    queries, demos = draw_episode(task, test, pool, shots=1, n=n, seed=seed)
+    pools = pools if pools is not None else load_pools(task, data, demo_data)
+    episode = draw_episode(task, pools, shots=1, n=n, seed=seed, mode="fixed")
+    queries, demos, pool = episode.queries, episode.demonstrations, pools.demos
     train = sample_demonstrations(
         pool, task, train_per_class, seed=seed + 1, exclude=[*queries, *demos]
     )
@@ -204,5 +210,6 @@ def run_reweighting(
         n_train=len(train),
         seed=seed,
         losses=losses,
+        episode=episode.to_json(),
     )
     return result, module

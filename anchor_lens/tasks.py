@@ -19,8 +19,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ._hub import HubUnreachableError, hub_offline_reason
+
 __all__ = [
     "Example",
+    "HubUnreachableError",
     "TASKS",
     "Task",
     "get_task",
@@ -49,7 +52,7 @@ class Task:
         text_column: Column holding the input text.
         label_column: Column holding the integer class id.
         hub_id: Hugging Face dataset id used by [`load_examples`][anchor_lens.tasks.load_examples]
-        when no file is given.
+            when no file is given.
         hub_config: Dataset configuration name, if the hub dataset has several.
         demo_split: Hub split that demonstrations are drawn from.
         test_split: Hub split that queries are drawn from.
@@ -238,11 +241,28 @@ def _load_dataset(task: Task, source: str | Path | None, split: str | None):
             raise ValueError(
                 f"Cannot read {path.name}: use one of {', '.join(sorted(_DATA_FORMATS))}."
             )
+        if fmt != "parquet" and not _has_content(path):
+            raise ValueError(
+                f"Data file {path} is empty: it needs one example per row with the columns "
+                f"{task.text_column!r} and {task.label_column!r}."
+            )
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
         return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     hub_id = str(source) if source is not None else task.hub_id
     config = task.hub_config if source is None else None
     split = split or task.test_split
+    offline = hub_offline_reason()
+    if offline is not None:
+        where = (
+            f"{source!r} is not a local file or folder, so it was taken as a hub dataset id, but"
+            if source is not None
+            else f"task {task.name!r} reads split {split!r} of {hub_id!r} from the hub, but"
+        )
+        raise HubUnreachableError(
+            f"{where} the Hugging Face Hub cannot be reached ({offline}). Pass a local file "
+            "in the hub's schema instead (source=... in Python, --data / --demo-data on the "
+            "command line)."
+        )
     try:
         return datasets.load_dataset(hub_id, config, split=split)
     except Exception as err:  # offline, unknown id, missing split: all need the same fix
@@ -251,6 +271,15 @@ def _load_dataset(task: Task, source: str | Path | None, split: str | None):
             f"{err}). Without network, pass a local file in the hub's schema (source=... in "
             "Python, --data on the command line)."
         ) from err
+
+
+def _has_content(path: Path) -> bool:
+    """Whether a text data file holds anything but whitespace (read in chunks, stops early)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def load_examples(
@@ -272,7 +301,9 @@ def load_examples(
 
     Raises:
         KeyError: the text or label column is missing (the message lists the columns found).
-        ValueError: a label id outside ``range(task.n_classes)``.
+        ValueError: a label id outside ``range(task.n_classes)``, or an empty file.
+        FileNotFoundError: a missing file; ``HubUnreachableError`` (a subclass) when the data
+            were to come from the hub and it cannot be reached (checked once, in seconds).
     """
     task = get_task(task)
     ds = _load_dataset(task, source, split)
@@ -283,6 +314,8 @@ def load_examples(
             f"{task.label_column!r} (label); the data has {ds.column_names}. Build a Task with "
             "text_column=/label_column= that match your data."
         )
+    if len(ds) == 0:
+        raise ValueError(f"{source or task.hub_id} has no rows for task {task.name!r}.")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     texts, labels = ds[task.text_column], ds[task.label_column]

@@ -58,6 +58,15 @@ def test_anchor_cache_equals_masking_the_dropped_positions(tiny_model, batch):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_cache_shim_leaves_no_hooks_behind(tiny_model, batch):
+    """The cache-kwarg shim (transformers >= 5.24 passes ``cache=``) is removed after use."""
+    before = {id(m): len(m._forward_pre_hooks) for m in tiny_model.modules()}
+    context = compress_context(tiny_model, batch, torch.ones(split_prompt(batch), dtype=torch.bool))
+    compressed_logits(tiny_model, batch, context)
+    assert {id(m): len(m._forward_pre_hooks) for m in tiny_model.modules()} == before
+    assert all(len(k) and k.shape[2] == len(context.kept) for k in context.keys)
+
+
 def test_sliding_window_models_are_refused_with_the_reason(tiny_tokenizer):
     gemma = tiny_gemma3(tiny_tokenizer)
     batch = al.build_icl_batch(gemma, "sst2", DEMOS, QUERIES, padding_side="right")

@@ -56,7 +56,8 @@ def test_evaluate_zero_and_few_shot(tiny_model):
     )
 
 
-def test_run_icl_keeps_queries_and_demonstrations_apart(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("mode", ["per_query", "fixed"])
+def test_run_icl_keeps_queries_and_demonstrations_apart(tiny_llama, monkeypatch, mode):
     from anchor_lens import icl
 
     seen = {}
@@ -67,10 +68,32 @@ def test_run_icl_keeps_queries_and_demonstrations_apart(tiny_llama, monkeypatch)
         return original(model, task, queries, demos, **kw)
 
     monkeypatch.setattr(icl, "evaluate", spy)
-    result = al.run_icl(tiny_llama, "sentiment-demo", shots=2, n=20, seed=3, progress=False)
-    assert result.n == 20
-    assert len(seen["demos"]) == 4
-    assert not {e.text for e in seen["demos"]} & {e.text for e in seen["queries"]}
+    result = al.run_icl(
+        tiny_llama, "sentiment-demo", shots=2, n=20, seed=3, mode=mode, progress=False
+    )
+    assert result.n == 20 and sum(result.predicted_counts) == 20
+    per_query = seen["demos"] if mode == "per_query" else [seen["demos"]] * 20
+    assert len(per_query) == 20 and all(len(d) == 4 for d in per_query)
+    query_texts = {e.text for e in seen["queries"]}
+    assert not {e.text for d in per_query for e in d} & query_texts
+    if mode == "per_query":
+        assert len({tuple(e.text for e in d) for d in per_query}) > 1
+
+
+def test_per_query_batches_equal_one_prompt_at_a_time(tiny_model):
+    """Per-query demonstrations are batched with padding; batching changes nothing."""
+    ep = al.sample_episode("sentiment-demo", n=6, seed=0)
+    batched = al.evaluate(tiny_model, "sst2", ep.queries, ep.demonstrations, progress=False)
+    for i, query in enumerate(ep.queries):
+        alone = al.evaluate(tiny_model, "sst2", [query], ep.demos_for(i), progress=False)
+        assert torch.allclose(
+            torch.tensor(alone.label_probs[0]), torch.tensor(batched.label_probs[i]), atol=1e-5
+        )
+
+
+def test_evaluate_refuses_no_queries(tiny_llama):
+    with pytest.raises(ValueError, match="at least one query"):
+        al.evaluate(tiny_llama, "sst2", [], DEMOS, progress=False)
 
 
 def test_cli_evaluate_on_a_local_model(tiny_llama_folder, tmp_path, capsys):
