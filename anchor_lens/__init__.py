@@ -18,6 +18,7 @@ from .models import AttentionNotExposedError, check_attention_hooks, check_model
 from .prompts import (
     ICLBatch,
     LabelWordError,
+    LabelWordWarning,
     PromptTooLongError,
     TokenRole,
     build_icl_batch,
@@ -45,6 +46,7 @@ __all__ = [
     "HubUnreachableError",
     "ICLBatch",
     "LabelWordError",
+    "LabelWordWarning",
     "Pools",
     "Predictions",
     "PromptTooLongError",

@@ -634,7 +634,7 @@ def _long_context(args) -> dict:
     plot_nll(curves, title=f"{name}: NLL per position").savefig(args.out / "nll.png", dpi=150)
     if passkey:
         plot_passkey(passkey, title=f"{name}: passkey").savefig(args.out / "passkey.png", dpi=150)
-    past = {m: round(v["mean_nll_past_L"], 2) for m, v in curves.summary.items()}
+    past = {m: _fmt(v["mean_nll_past_L"]) for m, v in curves.summary.items()}
     print(f"mean NLL past L={limit}: {past} -> {path}")
     if passkey:
         print(f"passkey accuracy at {passkey.lengths}: {passkey.accuracy}")

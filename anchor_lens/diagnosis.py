@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import einops
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -148,7 +149,8 @@ def diagnose(
             logits = target_logits(model, batch, hooks)[:, batch.label_token_ids]
             rows = torch.arange(len(batch), device=logits.device)
             qs.append(store["q"][rows, batch.target_positions].flatten(1).cpu())
-            k = store["k"].repeat_interleave(group, dim=2)  # GQA: one key head per query head
+            # GQA: each key head serves `group` consecutive query heads.
+            k = einops.repeat(store["k"], "b pos kv d -> b pos (kv g) d", g=group)
             for d in range(batch.n_demos):
                 ks.append(k[rows, batch.label_positions[:, d]].flatten(1).cpu())
                 classes.append(batch.demo_labels[:, d].cpu())

@@ -29,7 +29,9 @@ Two implementations, numerically equal on inputs both can run:
   ``n × n`` score matrix never exists.
 
 Positions are token indices (``0 … n-1``): pad batches on the **right**; causal attention never
-lets a real token see right padding.
+lets a real token see right padding. ``forward_hidden`` refuses an ``attention_mask`` with
+padding anywhere else. Neither path implements attention-logit soft-capping (Gemma 2): both
+refuse such models.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Real, Shaped
 from torch import Tensor
 
 from .hooks import HookPair, resolve_layers, scores_hook_name
@@ -149,7 +151,7 @@ def rope_inv_freq(model: torch.nn.Module, layer: int) -> Float[Tensor, " half_ro
 
 
 def rotate(
-    x: Float[Tensor, "*batch pos d"], shift: Float[Tensor, " pos"], inv_freq: Float[Tensor, " r"]
+    x: Float[Tensor, "*batch pos d"], shift: Real[Tensor, " pos"], inv_freq: Float[Tensor, " r"]
 ) -> Float[Tensor, "*batch pos d"]:
     """``R(shift) x``: rotate by ``shift`` positions in Hugging Face's ``rotate_half`` layout.
 
@@ -165,6 +167,52 @@ def rotate(
     first, second = head.chunk(2, dim=-1)
     turned = head * cos + torch.cat([-second, first], dim=-1) * sin
     return torch.cat([turned.to(x.dtype), tail], dim=-1)
+
+
+def _refuse_softcapping(model: torch.nn.Module) -> None:
+    """Raise if the model soft-caps attention logits (Gemma 2's ``attn_logit_softcapping``).
+
+    Neither path implements it: the blocked path runs uncapped fused SDPA, and the hooks would
+    mix capped band logits with uncapped global-branch logits.
+    """
+    hf = hf_model(model)
+    caps = [getattr(_text_config(model), "attn_logit_softcapping", None)]
+    caps += [getattr(module, "attn_logit_softcapping", None) for module in hf.modules()]
+    cap = next((c for c in caps if c is not None), None)
+    if cap is not None:
+        raise NotImplementedError(_softcapping_message(f"{type(hf).__name__} ", cap))
+
+
+def _softcapping_message(name: str, cap) -> str:
+    return (
+        f"LM-Infinite attention does not support logit soft-capping: {name}soft-caps its "
+        f"attention logits (attn_logit_softcapping={cap}, as Gemma 2 does), and neither "
+        "lambda_attention_hooks nor forward_hidden implements that. Use a model without "
+        "attention soft-capping."
+    )
+
+
+def _refuse_left_padding(
+    attention_mask: Shaped[Tensor, "batch pos"] | None, input_ids: Int[Tensor, "batch pos"]
+) -> None:
+    """Raise unless every row of ``attention_mask`` is real tokens followed by padding."""
+    if attention_mask is None:
+        return
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; it must match input_ids, "
+            f"{tuple(input_ids.shape)} (1 for real tokens, 0 for padding)."
+        )
+    real = attention_mask.to(torch.bool)
+    gaps = (~real[:, :-1] & real[:, 1:]).any(dim=1)  # padding followed by a real token
+    if bool(gaps.any()):
+        rows = gaps.nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask has padding before real tokens in row(s) {rows} (left padding or "
+            "gaps). forward_hidden uses token indices as positions, so only right padding is "
+            "correct: pad on the right (tokenizer.padding_side = 'right') or run the prompts "
+            "one at a time."
+        )
 
 
 def _attention_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -240,7 +288,13 @@ def lambda_attention_hooks(
         attention: the Λ configuration.
         layers: layers to change; default all layers with full attention (Gemma 3's
             sliding-window layers are already local and are left alone).
+
+    Raises:
+        NotImplementedError: the model soft-caps attention logits (``attn_logit_softcapping``,
+            Gemma 2), which LM-Infinite attention does not implement (nor does
+            [`forward_hidden`][anchor_lens.lminfinite.forward_hidden]).
     """
+    _refuse_softcapping(model)
     layers = resolve_layers(model, layers) if layers is not None else _full_attention_layers(model)
     hooks: list[HookPair] = []
     for layer in layers:
@@ -301,7 +355,7 @@ class _Runtime:
 
 
 def lambda_attention_forward(
-    module: torch.nn.Module,
+    module: Any,
     query: Float[Tensor, "batch head q d"],
     key: Float[Tensor, "batch kv_head k d"],
     value: Float[Tensor, "batch kv_head k d"],
@@ -315,7 +369,8 @@ def lambda_attention_forward(
 ) -> tuple[Float[Tensor, "batch q head d"], None]:
     """Blocked Λ attention with the distance limit, in O(n · (n_global + n_local)).
 
-    A transformers attention function (same signature as ``eager_attention_forward``). Query
+    A transformers attention function (same signature as ``eager_attention_forward``;
+    ``module`` is the calling attention module, anything with ``layer_idx`` and ``scaling``). Query
     block ``[s, e)`` reads only the global keys ``[0, n_global)`` and the band
     ``[s - n_local + 1, e)``, masked as in [`lambda_scores`][anchor_lens.lminfinite.lambda_scores],
     in one fused
@@ -330,8 +385,10 @@ def lambda_attention_forward(
             f"The '{LAMBDA_ATTENTION}' attention needs its configuration: run the model through "
             "anchor_lens.lminfinite.forward_hidden(model, ids, attention=LambdaAttention(...))."
         )
-    if getattr(module, "attn_logit_softcapping", None):
-        raise NotImplementedError("LM-Infinite attention does not support logit soft-capping.")
+    cap = getattr(module, "attn_logit_softcapping", None)
+    cap = kwargs.get("softcap") if cap is None else cap
+    if cap is not None:
+        raise NotImplementedError(_softcapping_message(f"{type(module).__name__} ", cap))
     batch, n_heads, n_q, d_head = query.shape
     n_kv, n_k = key.shape[1], key.shape[2]
     offset = n_k - n_q  # cached keys before this call's queries
@@ -412,6 +469,8 @@ def forward_hidden(
     model: torch.nn.Module,
     input_ids: Int[Tensor, "batch pos"],
     attention: LambdaAttention | None = None,
+    *,
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Final hidden states (after the last norm) of a long input, without hooks.
 
@@ -423,7 +482,20 @@ def forward_hidden(
     repeated
     calls. Unembed with [`unembed`][anchor_lens.lminfinite.unembed] chunk by chunk: full logits of
     a long input are large.
+
+    Positions are token indices, so a padded batch must be padded on the **right** (causal
+    attention keeps real tokens from seeing it; hidden states at padded positions are
+    meaningless). ``attention_mask`` (1 real, 0 padding) is only checked, never applied:
+    padding anywhere but on the right raises before anything is computed.
+
+    Raises:
+        ValueError: ``attention_mask`` has padding before a real token (left padding or gaps),
+            or a shape other than ``input_ids``'s.
+        NotImplementedError: ``attention`` is given and the model soft-caps attention logits.
     """
+    _refuse_left_padding(attention_mask, input_ids)
+    if attention is not None:
+        _refuse_softcapping(model)
     hf = plain_hf_model(model)
     body = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model
     kwargs: dict[str, Any] = {}

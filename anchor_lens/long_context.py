@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -83,12 +83,19 @@ def token_nll(
     input_ids: Int[Tensor, "batch pos"],
     attention: LambdaAttention | None,
     chunk: int = 1024,
+    *,
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos_minus_1"]:
-    """``-log p(x_{t+1} | x_{≤t})`` at every position, unembedding ``chunk`` positions at a time."""
+    """``-log p(x_{t+1} | x_{≤t})`` at every position, unembedding ``chunk`` positions at a time.
+
+    A padded batch must be padded on the right and pass its ``attention_mask`` (1 real,
+    0 padding): entries whose target ``x_{t+1}`` is padding are NaN, and any other padding
+    raises (see [`forward_hidden`][anchor_lens.lminfinite.forward_hidden]).
+    """
     hf = plain_hf_model(model)
     device = next(hf.parameters()).device
     input_ids = input_ids.to(device)
-    hidden = forward_hidden(hf, input_ids, attention)
+    hidden = forward_hidden(hf, input_ids, attention, attention_mask=attention_mask)
     out = []
     with torch.no_grad():
         for start in range(0, input_ids.shape[1] - 1, chunk):
@@ -96,7 +103,10 @@ def token_nll(
             logits = unembed(hf, hidden[:, start:stop]).float()
             target = input_ids[:, start + 1 : stop + 1]
             out.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
-    return torch.cat(out, dim=1).cpu()
+    nll = torch.cat(out, dim=1).cpu()
+    if attention_mask is not None:
+        nll = nll.masked_fill(~attention_mask[:, 1:].to(torch.bool).cpu(), float("nan"))
+    return nll
 
 
 @dataclass
@@ -146,7 +156,7 @@ def nll_curves(
         inside, past = nll[: length - 1], nll[length - 1 :]
         summary[mode] = {
             "mean_nll_within_L": float(inside.mean()),
-            "mean_nll_past_L": float(past.mean()) if past.numel() else float("nan"),
+            "mean_nll_past_L": float(past.mean()) if past.numel() else None,
         }
     return NLLCurves(bin_size, windows.shape[1], windows.shape[0], length, starts, curves, summary)
 

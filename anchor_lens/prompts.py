@@ -16,6 +16,7 @@ left or right padding.
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
@@ -31,6 +32,7 @@ __all__ = [
     "ICLBatch",
     "LabelTokens",
     "LabelWordError",
+    "LabelWordWarning",
     "PromptTooLongError",
     "TokenRole",
     "build_icl_batch",
@@ -55,6 +57,28 @@ class LabelWordError(ValueError):
 
 class PromptTooLongError(ValueError):
     """A prompt has more tokens than the model's context window."""
+
+
+class LabelWordWarning(UserWarning):
+    """A label word is several tokens, and only its first one is scored."""
+
+
+def _warn_multi_token(tokenizer, task: Task, lt: LabelTokens) -> None:
+    split = [
+        (word, tokenizer.convert_ids_to_tokens(list(ids)))
+        for word, ids in zip(task.label_words, lt.words, strict=True)
+        if len(ids) > 1
+    ]
+    if split:
+        described = "; ".join(f"{w!r} -> {toks} (scored: {toks[0]!r})" for w, toks in split)
+        warnings.warn(
+            f"Task {task.name!r}: label words of several tokens, only the first token is "
+            f"scored and used as the anchor, as in the paper: {described}. To score whole "
+            "words use scoring='full_word' (--scoring full_word); to avoid the split choose "
+            "single-token label words (Task.with_label_words, --label-words).",
+            LabelWordWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +169,8 @@ class ICLBatch:
     demo_index: Int[Tensor, "batch pos"]
     label_positions: Int[Tensor, "batch demo"]
     demo_labels: Int[Tensor, "batch demo"]
-    target_positions: Int[Tensor, batch]
-    labels: Int[Tensor, batch]
+    target_positions: Int[Tensor, " batch"]
+    labels: Int[Tensor, " batch"]
     label_token_ids: Int[Tensor, " n_class"]
     label_word_ids: tuple[tuple[int, ...], ...]
     prompts: list[str]
@@ -249,8 +273,9 @@ def build_icl_batch(
             sets it to the native tokenizer's convention) when a model is given, else what
             the tokenizer does by itself.
         max_length: Context limit; defaults to the model's ``cfg.n_ctx`` when a model is given.
-        check_label_collisions: Raise if two label words share their first token (the paper
-            scores only the first token). Whole-word scoring can turn this off.
+        check_label_collisions: First-token scoring (the paper's): raise if two label words
+            share their first token, and warn (``LabelWordWarning``) which token is scored
+            when a label word splits into several. Whole-word scoring turns this off.
 
     Raises:
         LabelWordError: a label word does not appear as its own token(s) in a demonstration,
@@ -287,6 +312,8 @@ def build_icl_batch(
             "so first-token prediction cannot tell them apart. Choose other label words "
             "(Task.with_label_words) or score whole words (label_scoring='full_word')."
         )
+    if check_label_collisions:
+        _warn_multi_token(tokenizer, task, lt)
     bos = _resolve_bos(model_or_tokenizer, prepend_bos)
 
     rows = [

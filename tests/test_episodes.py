@@ -13,7 +13,8 @@ TEST = [Example(f"query {i}", i % 2) for i in range(30)]
 
 
 def _write(path, rows):
-    path.write_text("".join(json.dumps({"sentence": e.text, "label": e.label}) + "\n" for e in rows))
+    lines = (json.dumps({"sentence": e.text, "label": e.label}) + "\n" for e in rows)
+    path.write_text("".join(lines))
     return path
 
 
@@ -56,7 +57,7 @@ def test_draw_episode_errors():
     pools = Pools(TEST, POOL, "test")
     with pytest.raises(ValueError, match="n must be at least 1"):
         draw_episode("sst2", pools, n=0)
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises((ValueError, TypeError), match="mode"):  # TypeError: the type checker
         draw_episode("sst2", pools, mode="shared")
     with pytest.raises(ValueError, match="fewer than shots=30"):
         draw_episode("sst2", pools, shots=30)

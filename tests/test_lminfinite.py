@@ -181,6 +181,72 @@ def test_right_padding_leaves_real_positions_unchanged(short_llama, ids):
     torch.testing.assert_close(hooked[1, :29], alone[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_right_padding_mask_is_accepted_and_matches_prompts_alone(short_llama, ids):
+    attention = LambdaAttention(n_global=3, n_local=8, max_distance=24)
+    short = ids[1, :29]
+    padded = torch.stack([ids[0], torch.cat([short, torch.full((11,), 2)])])
+    mask = torch.ones_like(padded)
+    mask[1, 29:] = 0
+    for lam in (attention, None):
+        alone = unembed(short_llama, forward_hidden(short_llama, short[None], lam))
+        hidden = forward_hidden(short_llama, padded, lam, attention_mask=mask)
+        batched = unembed(short_llama, hidden)
+        torch.testing.assert_close(batched[1, :29], alone[0], atol=1e-4, rtol=1e-4)
+    nll = token_nll(short_llama, padded, attention, attention_mask=mask)
+    alone = token_nll(short_llama, short[None], attention)
+    torch.testing.assert_close(nll[1, :28], alone[0], atol=1e-4, rtol=1e-4)
+    assert nll[1, 28:].isnan().all() and not nll[0].isnan().any()
+
+
+def test_left_padding_is_refused_before_computing(short_llama, ids):
+    hf = plain_hf_model(short_llama)
+    ran = []
+    handle = hf.model.embed_tokens.register_forward_hook(lambda *args: ran.append(1))
+    left = torch.ones_like(ids)
+    left[1, :11] = 0
+    gap = torch.ones_like(ids)
+    gap[0, 5] = 0
+    try:
+        for mask in (left, gap):
+            for lam in (LambdaAttention(n_global=3, n_local=8, max_distance=24), None):
+                with pytest.raises(ValueError, match=r"padding before real tokens.*pad on the"):
+                    forward_hidden(hf, ids, lam, attention_mask=mask)
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\].*one at a time"):
+            token_nll(hf, ids, None, attention_mask=left)
+        # ValueError, or jaxtyping's TypeCheckError (a TypeError) when annotations are checked
+        with pytest.raises((ValueError, TypeError), match="attention_mask"):
+            forward_hidden(hf, ids, None, attention_mask=left[:, :-1])
+    finally:
+        handle.remove()
+    assert not ran
+
+
+def test_both_paths_refuse_attention_logit_softcapping(tiny_tokenizer):
+    model = tiny_gemma3(tiny_tokenizer, max_positions=24)
+    ids = torch.randint(3, model.cfg.d_vocab, (1, 12))
+    attention = LambdaAttention(n_global=2, n_local=4, max_distance=8)
+    hf = plain_hf_model(model)
+    for target in (model.original_model.config, hf.config):
+        target.attn_logit_softcapping = 50.0
+    message = r"does not support logit soft-capping.*attn_logit_softcapping=50.0"
+    with pytest.raises(NotImplementedError, match=message):
+        lambda_attention_hooks(model, attention)
+    with pytest.raises(NotImplementedError, match=message):
+        forward_hidden(hf, ids, attention)
+    forward_hidden(hf, ids, None)  # only LM-Infinite attention is refused
+    for target in (model.original_model.config, hf.config):
+        target.attn_logit_softcapping = None
+    hf.model.layers[1].self_attn.attn_logit_softcapping = 30.0  # set on a module only
+    with pytest.raises(NotImplementedError, match="attn_logit_softcapping=30.0"):
+        forward_hidden(hf, ids, attention)
+    module = SimpleNamespace(layer_idx=0, scaling=1.0, attn_logit_softcapping=50.0)
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match=message):
+        lambda_attention_forward(
+            module, x, x, x, None, lm_infinite=_Runtime(LambdaAttention(1, 2), {})
+        )
+
+
 def test_hooks_compose_with_pattern_capture(short_llama, ids):
     attention = LambdaAttention(n_global=2, n_local=5, max_distance=24)
     capture = PatternCapture(layers=(0,))

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -159,3 +161,15 @@ def test_prompt_longer_than_context_is_refused(tiny_llama):
 def test_unknown_task_in_batch(tiny_tokenizer):
     with pytest.raises(KeyError, match="Unknown task"):
         al.build_icl_batch(tiny_tokenizer, "nope", [], ["x"])
+
+
+def test_multi_token_label_word_warns_which_token_is_scored(tiny_tokenizer):
+    task = al.Task("split", "Review: {text}\nSentiment: {label}", ("Negative", "Positivexyz"))
+    assert len(al.label_tokens(tiny_tokenizer, task).words[1]) > 1
+    with pytest.warns(al.LabelWordWarning, match=r"'Positivexyz' -> .*scored: "):
+        al.build_icl_batch(tiny_tokenizer, task, [al.Example("good", 1)], ["bad"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # whole-word scoring scores every token: no warning
+        al.build_icl_batch(
+            tiny_tokenizer, task, [al.Example("good", 1)], ["bad"], check_label_collisions=False
+        )
