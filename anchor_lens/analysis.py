@@ -38,14 +38,23 @@ from .prompts import ICLBatch, TokenRole
 from .tasks import Example, Task, get_task
 
 __all__ = [
+    "ISOLATION_CONDITIONS",
     "DeepResult",
     "Finding",
     "FlowResult",
     "IsolationResult",
+    "batch_deep_scores",
+    "batch_flows",
+    "batch_isolation",
     "deep_layer_auc",
+    "deep_result",
+    "example_generator",
+    "flow_result",
     "findings_markdown",
     "information_flow",
     "isolation",
+    "isolation_result",
+    "isolation_spans",
     "paper_findings",
     "random_positions",
 ]
@@ -78,6 +87,68 @@ class FlowResult:
         return asdict(self)
 
 
+def batch_flows(
+    model,
+    batch: ICLBatch,
+    layers: Sequence[int],
+    *,
+    loss_target: LossTarget = "gold",
+    exclude_special: bool = True,
+    keep_per_head: bool = False,
+) -> dict[str, Tensor]:
+    """Per-example flows of one batch: ``S_wp``/``S_pq``/``S_ww`` as ``[layer, batch]``.
+
+    With ``keep_per_head`` also ``S_*_head`` as ``[layer, head, batch]``. One forward and one
+    backward pass; see [`information_flow`][anchor_lens.analysis.information_flow].
+    """
+    _check_demos(batch, "information_flow")
+    if loss_target not in ("gold", "prediction"):
+        raise ValueError(f"loss_target must be 'gold' or 'prediction', not {loss_target!r}")
+    if loss_target == "gold" and (batch.labels < 0).any():
+        raise ValueError("loss_target='gold' needs labelled queries.")
+    capture = SaliencyCapture(tuple(layers))
+    with torch.enable_grad():
+        logits = target_logits(model, batch, capture.hooks)[:, batch.label_token_ids]
+        target = batch.labels if loss_target == "gold" else logits.argmax(-1)
+        # Summed over the batch: examples do not interact, so each keeps its own gradient.
+        loss = F.cross_entropy(logits.float(), target, reduction="sum")
+        grads = capture.gradients(loss).float()  # [layer, batch, head, q, k]
+    masks = metrics.flow_masks(
+        batch.attention_mask,
+        batch.label_positions,
+        batch.target_positions,
+        exclude=batch.roles == TokenRole.SPECIAL if exclude_special else None,
+    )
+    # Eq. 1: heads summed first, then the absolute value.
+    saliency = einops.reduce(grads, "layer batch head q k -> layer batch q k", "sum").abs()
+    out = {k: v.detach().cpu() for k, v in metrics.information_flow(saliency, masks).items()}
+    if keep_per_head:
+        head_flows = metrics.information_flow(
+            einops.rearrange(grads.abs(), "layer batch head q k -> layer head batch q k"), masks
+        )
+        out |= {f"{k}_head": v.detach().cpu() for k, v in head_flows.items()}
+    return out
+
+
+def flow_result(
+    per_example: dict[str, Tensor], *, loss_target: str, exclude_special: bool
+) -> FlowResult:
+    """Average per-example flows (``[layer, n]``; ``S_*_head``: ``[layer, head, n]``)."""
+    raw = {k: per_example[k].mean(-1) for k in ("S_wp", "S_pq", "S_ww")}
+    norm = metrics.normalise_flow(raw)
+    per_head = None
+    if "S_wp_head" in per_example:
+        per_head = {k: per_example[f"{k}_head"].mean(-1).tolist() for k in ("S_wp", "S_pq", "S_ww")}
+    return FlowResult(
+        **{k: v.tolist() for k, v in norm.items()},
+        **{f"{k}_raw": v.tolist() for k, v in raw.items()},
+        n=per_example["S_wp"].shape[-1],
+        loss_target=loss_target,
+        exclude_special=exclude_special,
+        per_head=per_head,
+    )
+
+
 def information_flow(
     model,
     task: str | Task,
@@ -96,7 +167,8 @@ def information_flow(
     One forward and one backward pass per batch: the loss is the cross-entropy of the
     label-restricted logits at the target, for the gold label (``loss_target="gold"``) or the
     model's own prediction (``"prediction"``); ``I_l = |Σ_h A ⊙ ∂L/∂A|`` (Eq. 1) feeds
-    Eqs. 2–4 ([`information_flow`][anchor_lens.metrics.information_flow]).
+    Eqs. 2–4 ([`information_flow`][anchor_lens.metrics.information_flow]). Saliency is
+    accumulated in float32 whatever the model's dtype.
 
     ``layers`` restricts the saliency to some layers (default: all); results are listed in
     that order. ``keep_per_head`` additionally returns the three flows per layer and head
@@ -110,58 +182,22 @@ def information_flow(
     """
     task = get_task(task)
     layers = resolve_layers(model, layers)
-    sums: dict[str, Tensor] = {}
-    n = 0
+    parts: dict[str, list[Tensor]] = {}
     for batch in iter_batches(
         model, task, queries, demonstrations, batch_size=batch_size, desc="flow", progress=progress
     ):
-        _check_demos(batch, "information_flow")
-        capture = SaliencyCapture(layers)
-        with torch.enable_grad():
-            logits = target_logits(model, batch, capture.hooks)[:, batch.label_token_ids]
-            if loss_target == "gold":
-                if (batch.labels < 0).any():
-                    raise ValueError("loss_target='gold' needs labelled queries.")
-                target = batch.labels
-            elif loss_target == "prediction":
-                target = logits.argmax(-1)
-            else:
-                raise ValueError(f"loss_target must be 'gold' or 'prediction', not {loss_target!r}")
-            # Summed over the batch: examples do not interact, so each keeps its own gradient.
-            loss = F.cross_entropy(logits.float(), target, reduction="sum")
-            grads = capture.gradients(loss)  # [layer, batch, head, q, k]
-        masks = metrics.flow_masks(
-            batch.attention_mask,
-            batch.label_positions,
-            batch.target_positions,
-            exclude=batch.roles == TokenRole.SPECIAL if exclude_special else None,
+        flows = batch_flows(
+            model,
+            batch,
+            layers,
+            loss_target=loss_target,
+            exclude_special=exclude_special,
+            keep_per_head=keep_per_head,
         )
-        # Eq. 1: heads summed first, then the absolute value.
-        saliency = einops.reduce(grads, "layer batch head q k -> layer batch q k", "sum").abs()
-        flows = metrics.information_flow(saliency, masks)
-        if keep_per_head:
-            head_flows = metrics.information_flow(
-                einops.rearrange(grads.abs(), "layer batch head q k -> layer head batch q k"),
-                masks,
-            )
-            for key, v in head_flows.items():  # [layer, head, batch]
-                sums[f"{key}_head"] = sums.get(f"{key}_head", 0) + v.sum(-1).detach()
         for key, v in flows.items():
-            sums[key] = sums.get(key, 0) + v.sum(-1).detach()
-        n += len(batch)
-    raw = {k: (sums[k] / n).cpu() for k in ("S_wp", "S_pq", "S_ww")}
-    norm = metrics.normalise_flow(raw)
-    per_head = None
-    if keep_per_head:
-        per_head = {k: (sums[f"{k}_head"] / n).cpu().tolist() for k in ("S_wp", "S_pq", "S_ww")}
-    return FlowResult(
-        **{k: v.tolist() for k, v in norm.items()},
-        **{f"{k}_raw": v.tolist() for k, v in raw.items()},
-        n=n,
-        loss_target=loss_target,
-        exclude_special=exclude_special,
-        per_head=per_head,
-    )
+            parts.setdefault(key, []).append(v)
+    per_example = {k: torch.cat(v, dim=-1) for k, v in parts.items()}
+    return flow_result(per_example, loss_target=loss_target, exclude_special=exclude_special)
 
 
 # --------------------------------------------------------------------------------- isolation
@@ -200,6 +236,79 @@ class IsolationResult:
         return asdict(self)
 
 
+ISOLATION_CONDITIONS = ("label_first", "label_last", "random_first", "random_last")
+
+
+def isolation_spans(n_layers: int, k_layers: int) -> dict[str, list[int]]:
+    """The first and the last ``k_layers`` layers of a model with ``n_layers``."""
+    if not 0 < k_layers <= n_layers:
+        raise ValueError(f"k_layers must be in 1..{n_layers}, got {k_layers}.")
+    return {"first": list(range(k_layers)), "last": list(range(n_layers - k_layers, n_layers))}
+
+
+def example_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of query ``index`` under ``seed``: the same however queries are
+    batched or sharded across processes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def batch_isolation(
+    model,
+    batch: ICLBatch,
+    spans: dict[str, list[int]],
+    generators: Sequence[torch.Generator],
+    *,
+    top_k: int = 5,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-example ``(label agreement, top-k Jaccard)`` of one batch for each condition.
+
+    ``generators[b]`` draws row ``b``'s random positions (one draw per layer), so the random
+    baseline of a query does not depend on its batch.
+    """
+    _check_demos(batch, "isolation")
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    with torch.no_grad():
+        ref = target_logits(model, batch).float()
+        ref_pred = ref[:, batch.label_token_ids].argmax(-1)
+        for where, layers in spans.items():
+            random_rows = {
+                layer: torch.cat(
+                    [random_positions(batch[b], batch.n_demos, g) for b, g in enumerate(generators)]
+                )
+                for layer in layers
+            }
+            for what, rows in (("label", batch.label_positions), ("random", random_rows.get)):
+                out_logits = target_logits(model, batch, block_attention_hooks(layers, rows))
+                out_logits = out_logits.float()
+                pred = out_logits[:, batch.label_token_ids].argmax(-1)
+                out[f"{what}_{where}"] = (
+                    (pred == ref_pred).float().cpu(),
+                    metrics.jaccard_topk(ref, out_logits, top_k).cpu(),
+                )
+    return out
+
+
+def isolation_result(
+    per_example: dict[str, tuple[Tensor, Tensor]],
+    spans: dict[str, list[int]],
+    *,
+    k_layers: int,
+    top_k: int,
+    seed: int,
+) -> IsolationResult:
+    """Average per-example agreement and Jaccard into label and word loyalty."""
+    conditions = {
+        key: {
+            "label_loyalty": float(per_example[key][0].mean()),
+            "word_loyalty": float(per_example[key][1].mean()),
+        }
+        for key in ISOLATION_CONDITIONS
+    }
+    layers_used = {f"{w}_{s}": spans[s] for w in ("label", "random") for s in spans}
+    n = len(per_example["label_first"][0])
+    return IsolationResult(conditions, layers_used, k_layers, top_k, n, seed)
+
+
 def isolation(
     model,
     task: str | Task,
@@ -216,57 +325,32 @@ def isolation(
 
     Isolation sets the pre-softmax scores from each isolated position to every earlier
     position to the minimum ([`block_attention_hooks`][anchor_lens.hooks.block_attention_hooks]).
-    Loyalty
-    compares against the unedited run: label loyalty is the agreement of label predictions,
-    word loyalty the top-``top_k`` Jaccard similarity of the full next-token distribution.
-    Random positions are redrawn per layer and example from a generator seeded with ``seed``.
+    Loyalty compares against the unedited run: label loyalty is the agreement of label
+    predictions, word loyalty the top-``top_k`` Jaccard similarity of the full next-token
+    distribution. Random positions are redrawn per layer and query from the query's own
+    generator ([`example_generator`][anchor_lens.analysis.example_generator]``(seed, i)``).
     """
     task = get_task(task)
-    n_layers = model.cfg.n_layers
-    if not 0 < k_layers <= n_layers:
-        raise ValueError(f"k_layers must be in 1..{n_layers}, got {k_layers}.")
-    spans = {
-        "first": list(range(k_layers)),
-        "last": list(range(n_layers - k_layers, n_layers)),
+    spans = isolation_spans(model.cfg.n_layers, k_layers)
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    start = 0
+    for batch in iter_batches(
+        model,
+        task,
+        queries,
+        demonstrations,
+        batch_size=batch_size,
+        desc="isolation",
+        progress=progress,
+    ):
+        generators = [example_generator(seed, start + b) for b in range(len(batch))]
+        start += len(batch)
+        for key, v in batch_isolation(model, batch, spans, generators, top_k=top_k).items():
+            parts.setdefault(key, []).append(v)
+    per_example = {
+        k: (torch.cat([a for a, _ in v]), torch.cat([j for _, j in v])) for k, v in parts.items()
     }
-    generator = torch.Generator().manual_seed(seed)
-    agree: dict[str, list[Tensor]] = {}
-    jacc: dict[str, list[Tensor]] = {}
-    n = 0
-    with torch.no_grad():
-        for batch in iter_batches(
-            model,
-            task,
-            queries,
-            demonstrations,
-            batch_size=batch_size,
-            desc="isolation",
-            progress=progress,
-        ):
-            _check_demos(batch, "isolation")
-            ref = target_logits(model, batch).float()
-            ref_pred = ref[:, batch.label_token_ids].argmax(-1)
-            for where, layers in spans.items():
-                random_rows = {
-                    layer: random_positions(batch, batch.n_demos, generator) for layer in layers
-                }
-                for what, rows in (("label", batch.label_positions), ("random", random_rows.get)):
-                    hooks = block_attention_hooks(layers, rows)
-                    out = target_logits(model, batch, hooks).float()
-                    key = f"{what}_{where}"
-                    pred = out[:, batch.label_token_ids].argmax(-1)
-                    agree.setdefault(key, []).append((pred == ref_pred).float().cpu())
-                    jacc.setdefault(key, []).append(metrics.jaccard_topk(ref, out, top_k).cpu())
-            n += len(batch)
-    conditions = {
-        key: {
-            "label_loyalty": float(torch.cat(agree[key]).mean()),
-            "word_loyalty": float(torch.cat(jacc[key]).mean()),
-        }
-        for key in ("label_first", "label_last", "random_first", "random_last")
-    }
-    layers_used = {f"{w}_{s}": spans[s] for w in ("label", "random") for s in spans}
-    return IsolationResult(conditions, layers_used, k_layers, top_k, n, seed)
+    return isolation_result(per_example, spans, k_layers=k_layers, top_k=top_k, seed=seed)
 
 
 # ------------------------------------------------------------------------------ deep layers
@@ -275,7 +359,8 @@ class DeepResult:
     """AUCROC_l and R_l per layer (Fig. 5), with the predictions they were scored against.
 
     ``aucroc`` and ``r_l`` hold ``None`` where they are undefined, and ``undefined_reason``
-    says why (e.g. the model predicted one class for every query).
+    says why (e.g. the model predicted one class for every query). ``note`` qualifies a
+    defined result (e.g. averaged over only some seeds).
     """
 
     aucroc: list[float | None]
@@ -284,6 +369,7 @@ class DeepResult:
     predicted_classes: dict[str, int]
     binary_score: str = "raw"
     undefined_reason: str | None = None
+    note: str | None = None
 
     @property
     def defined(self) -> bool:
@@ -291,6 +377,47 @@ class DeepResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def batch_deep_scores(
+    model, batch: ICLBatch, layers: Sequence[int], n_classes: int
+) -> tuple[Tensor, Tensor]:
+    """``(scores [layer, batch, n_class], predictions [batch])`` of one batch (§2.3).
+
+    Only the target row of each layer's pattern is kept, so memory does not grow with the
+    square of the prompt length; scores are float32 whatever the model's dtype.
+    """
+    _check_demos(batch, "deep_layer_auc")
+    capture = PatternCapture(tuple(layers), query_positions=batch.target_positions)
+    with torch.no_grad():
+        logits = target_logits(model, batch, capture.hooks)
+    scores = metrics.class_attention_scores(
+        capture.stacked().float(), batch.label_positions, batch.demo_labels, n_classes
+    )
+    return scores.cpu(), logits[:, batch.label_token_ids].argmax(-1).cpu()
+
+
+def deep_result(
+    scores: Tensor, predictions: Tensor, task: Task, binary_score: metrics.BinaryScore = "raw"
+) -> DeepResult:
+    """AUCROC_l and R_l from per-example class scores ``[layer, n, n_class]``."""
+    auc = metrics.aucroc_per_layer(scores, predictions, binary_score)
+    counts = torch.bincount(predictions, minlength=task.n_classes).tolist()
+    reason = metrics.aucroc_undefined_reason(predictions)
+    if reason is not None and len(predictions):
+        only = int(predictions[0])
+        reason = reason.replace(f"class {only}", repr(task.label_words[only]))
+    r_l = metrics.cumulative_r(auc)
+    if reason is None and any(r is None for r in r_l):
+        reason = "R_l: the AUCROC_l gains over 0.5 sum to zero across layers"
+    return DeepResult(
+        aucroc=auc,
+        r_l=r_l,
+        n=len(predictions),
+        predicted_classes=dict(zip(task.label_words, counts, strict=True)),
+        binary_score=binary_score,
+        undefined_reason=reason,
+    )
 
 
 def deep_layer_auc(
@@ -307,49 +434,23 @@ def deep_layer_auc(
 
     Scored as [`aucroc_per_layer`][anchor_lens.metrics.aucroc_per_layer] does (the official
     code: raw class attention with two predicted classes, normalised one-vs-one with more).
-    Only the target row of each layer's pattern is kept, so memory does not grow with the
-    square of the prompt length.
     """
     task = get_task(task)
     layers = resolve_layers(model, None)
     scores, preds = [], []
-    with torch.no_grad():
-        for batch in iter_batches(
-            model,
-            task,
-            queries,
-            demonstrations,
-            batch_size=batch_size,
-            desc="deep",
-            progress=progress,
-        ):
-            _check_demos(batch, "deep_layer_auc")
-            capture = PatternCapture(layers, query_positions=batch.target_positions)
-            logits = target_logits(model, batch, capture.hooks)
-            preds.append(logits[:, batch.label_token_ids].argmax(-1).cpu())
-            scores.append(
-                metrics.class_attention_scores(
-                    capture.stacked(), batch.label_positions, batch.demo_labels, task.n_classes
-                ).cpu()
-            )
-    score = torch.cat(scores, dim=1)
-    pred = torch.cat(preds)
-    auc = metrics.aucroc_per_layer(score, pred, binary_score)
-    counts = torch.bincount(pred, minlength=task.n_classes).tolist()
-    reason = metrics.aucroc_undefined_reason(pred)
-    if reason is not None:
-        reason = reason.replace(f"class {int(pred[0])}", repr(task.label_words[int(pred[0])]))
-    r_l = metrics.cumulative_r(auc)
-    if reason is None and any(r is None for r in r_l):
-        reason = "R_l: the AUCROC_l gains over 0.5 sum to zero across layers"
-    return DeepResult(
-        aucroc=auc,
-        r_l=r_l,
-        n=len(pred),
-        predicted_classes=dict(zip(task.label_words, counts, strict=True)),
-        binary_score=binary_score,
-        undefined_reason=reason,
-    )
+    for batch in iter_batches(
+        model,
+        task,
+        queries,
+        demonstrations,
+        batch_size=batch_size,
+        desc="deep",
+        progress=progress,
+    ):
+        s, p = batch_deep_scores(model, batch, layers, task.n_classes)
+        scores.append(s)
+        preds.append(p)
+    return deep_result(torch.cat(scores, dim=1), torch.cat(preds), task, binary_score)
 
 
 # --------------------------------------------------------------------------------- findings

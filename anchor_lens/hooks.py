@@ -222,9 +222,11 @@ def scale_attention_hooks(
                     "tensor."
                 )
             s = s.expand(h, n) if s.dim() < 2 else s
-            factor = pattern.new_ones(b, h, n_k)
-            cols = key_positions.to(pattern.device)[:, None, :].expand(b, h, -1)
-            factor = factor.scatter(2, cols, s[None].expand(b, -1, -1))
+            # -1 ("no position") scatters into an extra last column that is dropped.
+            factor = pattern.new_ones(b, h, n_k + 1)
+            keys = key_positions.to(pattern.device)
+            cols = torch.where(keys >= 0, keys, n_k)[:, None, :].expand(b, h, -1)
+            factor = factor.scatter(2, cols, s[None].expand(b, -1, -1))[..., :n_k]
             rows = torch.arange(b, device=pattern.device)
             q = query_positions.to(pattern.device)
             edited = pattern[rows, :, q] * factor  # [batch, head, k]

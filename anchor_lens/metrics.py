@@ -138,14 +138,16 @@ def class_attention_scores(
     """Attention from the target to each class's label words, summed (§2.3).
 
     ``score_c = Σ_h Σ_{k : class(k) = c} A_l(q, p_k)``, unnormalised, as the paper's code
-    accumulates it; [`aucroc_per_layer`][anchor_lens.metrics.aucroc_per_layer] decides how to
-    normalise.
+    accumulates it (label positions of ``-1`` contribute nothing);
+    [`aucroc_per_layer`][anchor_lens.metrics.aucroc_per_layer] decides how to normalise.
     """
     heads = einops.reduce(target_rows, "layer batch head k -> layer batch k", "sum")
-    idx = label_positions[None].expand(heads.shape[0], -1, -1).to(heads.device)
-    to_labels = heads.gather(-1, idx)  # [layer, batch, demo]
+    positions = label_positions.to(heads.device)
+    present = positions >= 0  # -1: no label word in this slot
+    idx = positions.clamp(min=0)[None].expand(heads.shape[0], -1, -1)
+    to_labels = heads.gather(-1, idx) * present  # [layer, batch, demo]
     scores = heads.new_zeros(*to_labels.shape[:2], n_classes)
-    cls = demo_labels[None].expand_as(to_labels).to(heads.device)
+    cls = demo_labels.to(heads.device).clamp(min=0)[None].expand_as(to_labels)
     return scores.scatter_add(-1, cls, to_labels)
 
 

@@ -209,7 +209,7 @@ class ICLBatch:
         }
         return ICLBatch(**moved)
 
-    def __getitem__(self, index: slice) -> ICLBatch:
+    def __getitem__(self, index: int | slice) -> ICLBatch:
         """Rows ``index`` of the batch (padding columns are kept)."""
         if not isinstance(index, slice):
             index = slice(index, index + 1)

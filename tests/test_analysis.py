@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -72,8 +73,16 @@ def test_experiments_return_per_layer_results(tiny_llama):
     flow = analysis.information_flow(tiny_llama, "sst2", queries, DEMOS, progress=False)
     assert len(flow.S_wp) == n_layers and flow.n == 4
     for layer in range(n_layers):
-        total = flow.S_wp[layer] + flow.S_pq[layer] + flow.S_ww[layer]
-        assert total == pytest.approx(1.0)
+        # The normalised flows are this layer's raw flows over their sum (Fig. 3).
+        raw = [flow.S_wp_raw[layer], flow.S_pq_raw[layer], flow.S_ww_raw[layer]]
+        norm = [flow.S_wp[layer], flow.S_pq[layer], flow.S_ww[layer]]
+        assert norm == pytest.approx([r / sum(raw) for r in raw], rel=1e-6)
+    # Batching does not change the mean over queries (padding differs between the two runs).
+    one_by_one = analysis.information_flow(
+        tiny_llama, "sst2", queries, DEMOS, batch_size=1, progress=False
+    )
+    assert one_by_one.S_pq_raw == pytest.approx(flow.S_pq_raw, rel=1e-4)
+    assert one_by_one.S_wp_raw == pytest.approx(flow.S_wp_raw, rel=1e-4)
     pred = analysis.information_flow(
         tiny_llama,
         "sst2",
@@ -94,7 +103,14 @@ def test_experiments_return_per_layer_results(tiny_llama):
     assert iso.layers["label_last"] == [n_layers - 1]
     deep = analysis.deep_layer_auc(tiny_llama, "sst2", queries, DEMOS, progress=False)
     assert len(deep.aucroc) == len(deep.r_l) == n_layers
-    assert sum(deep.predicted_classes.values()) == 4
+    counts = al.evaluate(tiny_llama, "sst2", queries, DEMOS, progress=False).predicted_counts
+    assert list(deep.predicted_classes.values()) == counts
+    if sum(c > 0 for c in counts) < 2:  # the tiny random model answers one class throughout
+        assert deep.aucroc == deep.r_l == [None] * n_layers and not deep.defined
+        word = al.get_task("sst2").label_words[counts.index(4)]
+        assert repr(word) in deep.undefined_reason and "all 4 queries" in deep.undefined_reason
+    else:
+        assert deep.r_l == metrics.cumulative_r(deep.aucroc)
 
 
 def test_experiments_need_demonstrations(tiny_llama):
@@ -122,10 +138,29 @@ def test_cli_analyze_writes_results_figures_and_report(tiny_llama_folder, tmp_pa
     assert code == 0
     flow = json.loads((tmp_path / "flow.json").read_text())
     assert {"S_wp", "S_pq", "S_ww", "S_wp_raw"} <= set(flow) and len(flow["S_wp"]) == 3
+    for layer in range(3):
+        raw = [flow[f"S_{k}_raw"][layer] for k in ("wp", "pq", "ww")]
+        assert [flow[f"S_{k}"][layer] for k in ("wp", "pq", "ww")] == pytest.approx(
+            [r / sum(raw) for r in raw], rel=1e-6
+        )
     iso = json.loads((tmp_path / "isolation.json").read_text())
-    assert iso["conditions"]["label_first"]["label_loyalty"] <= 1.0
+    assert iso["n"] == 6 and iso["k_layers"] == 1
+    assert iso["layers"]["label_first"] == [0] and iso["layers"]["label_last"] == [2]
+    for cond in iso["conditions"].values():
+        # A fraction of 6 queries; word loyalty a mean of six top-5 Jaccards (|∩| / (10 - |∩|)).
+        assert cond["label_loyalty"] * 6 == pytest.approx(round(cond["label_loyalty"] * 6))
+        jaccards = [i / (10 - i) for i in range(6)]
+        assert any(
+            sum(combo) / 6 == pytest.approx(cond["word_loyalty"])
+            for combo in itertools.combinations_with_replacement(jaccards, 6)
+        )
+    # Isolating label words in the last layer cannot reach the target's logits.
+    assert iso["conditions"]["label_last"] == {"label_loyalty": 1.0, "word_loyalty": 1.0}
     deep = json.loads((tmp_path / "deep.json").read_text())
     assert len(deep["aucroc"]) == len(deep["r_l"]) == 3
+    assert sum(deep["predicted_classes"].values()) == 6
+    assert deep["r_l"] == metrics.cumulative_r(deep["aucroc"])
+    assert (deep["undefined_reason"] is None) == all(a is not None for a in deep["aucroc"])
     for name in ("fig3_flow", "fig4_isolation", "fig5_deep"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     report = (tmp_path / "report.md").read_text()

@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from anchor_lens.hooks import (
     SaliencyCapture,
     block_attention_hooks,
     pattern_hook_name,
+    resolve_layers,
     scale_attention_hooks,
 )
 from anchor_lens.icl import target_logits
@@ -111,18 +114,39 @@ def test_saliency_matches_a_finite_difference(tiny_tokenizer, kind, eps, rel):
 
 
 def test_isolated_rows_attend_only_to_themselves(tiny_model, batch):
-    capture = PatternCapture((0,))
+    capture, plain = PatternCapture((0,)), PatternCapture((0,))
     with torch.no_grad():
         logits = _logits(
             tiny_model, batch, block_attention_hooks([0], batch.label_positions) + capture.hooks
         )
+        _logits(tiny_model, batch, plain.hooks)
     assert not torch.isnan(logits).any()
-    pattern = capture.patterns[0]
+    pattern, before = capture.patterns[0], plain.patterns[0]
     for b in range(len(batch)):
-        for p in batch.label_positions[b]:
-            row = pattern[b, :, p]
-            assert torch.allclose(row[:, p], torch.ones(row.shape[0]))
-            assert float(row.sum(-1).max()) == pytest.approx(1.0)
+        labels = batch.label_positions[b].tolist()
+        for p in labels:
+            # One-hot on the diagonal: nothing earlier (text, padding) is attended to.
+            expected = torch.zeros_like(pattern[b, :, p])
+            expected[:, p] = 1.0
+            assert torch.equal(pattern[b, :, p], expected)
+            assert not torch.equal(before[b, :, p], expected)  # which it did before
+        # Layer 0's other rows see only the (unchanged) embeddings: they must not move.
+        real = batch.attention_mask[b].bool()
+        others = [i for i in range(pattern.shape[-1]) if real[i] and i not in labels]
+        assert torch.equal(pattern[b, :, others], before[b, :, others])
+
+
+def test_isolation_changes_the_target_through_later_layers(tiny_model, batch):
+    """Isolating label words in layer 0 reaches the target; in the last layer it cannot."""
+    last = tiny_model.cfg.n_layers - 1
+    with torch.no_grad():
+        plain = target_logits(tiny_model, batch)
+        first = target_logits(tiny_model, batch, block_attention_hooks([0], batch.label_positions))
+        late = target_logits(
+            tiny_model, batch, block_attention_hooks([last], batch.label_positions)
+        )
+    assert (first - plain).abs().max() > 1e-4
+    assert torch.equal(late, plain)
 
 
 def test_block_per_layer_positions(tiny_model, batch):
@@ -179,3 +203,102 @@ def test_library_calls_keep_hooks_the_user_added(tiny_llama, batch):
         assert calls == [0, 0]  # and is still registered afterwards
     finally:
         tiny_llama.reset_hooks()
+
+
+# ------------------------------------------------------------------------------- error paths
+def _pattern(b=2, h=4, q=6, k=6):
+    return torch.rand(b, h, q, k).softmax(-1)
+
+
+def test_scale_attention_names_both_shapes_when_beta_does_not_fit():
+    q, keys = torch.tensor([5, 5]), torch.tensor([[1, 3, 4], [0, 2, 4]])  # 3 key positions
+    pattern = _pattern(h=4)
+    # The suite type-checks annotations at run time, which already rejects scales whose
+    # position count disagrees with key_positions (a TypeError when the hooks are built);
+    # without it (as users run) the hook's own ValueError must explain. Check both.
+    unchecked = inspect.unwrap(scale_attention_hooks)
+    for bad, shown, wanted in [
+        (torch.ones(5, 3), r"\(5, 3\)", r"\[4, 3\]"),  # one head too many
+        (torch.ones(4, 2), r"\(4, 2\)", r"\[4, 3\]"),  # one position too few
+        (torch.ones(2), r"\(2,\)", r"\[3\]"),  # an all-heads vector of the wrong length
+        (torch.ones(1, 4, 3), r"\(1, 4, 3\)", r"\[4, 3\]"),  # too many dimensions
+    ]:
+        ((_, hook),) = unchecked({1: bad}, q, keys)
+        with pytest.raises(ValueError, match=rf"layer 1's scales have shape {shown}.*{wanted}"):
+            hook(pattern, hook=None)
+        with pytest.raises((ValueError, TypeError)):
+            ((_, hook),) = scale_attention_hooks({1: bad}, q, keys)
+            hook(pattern, hook=None)
+    for good in (2.0, torch.ones(3), torch.ones(4, 3)):  # every documented shape is accepted
+        ((_, hook),) = scale_attention_hooks({1: good}, q, keys)
+        assert hook(pattern, hook=None).shape == pattern.shape
+
+
+def test_scale_attention_shape_error_surfaces_from_a_real_model(tiny_model, batch):
+    wrong_heads = torch.ones(tiny_model.cfg.n_heads + 1, batch.n_demos)
+    hooks = scale_attention_hooks({0: wrong_heads}, batch.target_positions, batch.label_positions)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"{tiny_model.cfg.n_heads} heads"):
+        _logits(tiny_model, batch, hooks)
+
+
+@pytest.mark.parametrize("which", ["block", "scale", "capture"])
+def test_position_hooks_refuse_a_kv_cache_forward(which):
+    """With a KV cache the pattern has fewer query rows than key columns: refuse it."""
+    rows = torch.tensor([[1, 3], [0, 2]])
+    q = torch.tensor([5, 5])
+    if which == "block":
+        ((_, hook),) = block_attention_hooks([0], rows)
+        name = "block_attention_hooks"
+    elif which == "scale":
+        ((_, hook),) = scale_attention_hooks({0: 2.0}, q, rows)
+        name = "scale_attention_hooks"
+    else:
+        ((_, hook),) = PatternCapture((0,), query_positions=q).hooks
+        name = "capture_pattern_hooks"
+    with pytest.raises(ValueError, match=rf"{name}.*1 query rows and 6 key columns.*KV cache"):
+        hook(_pattern(q=1, k=6), hook=None)
+    hook(_pattern(q=6, k=6), hook=None)  # the full prompt is fine
+
+
+def test_saliency_capture_refuses_no_grad(tiny_model, batch):
+    capture = SaliencyCapture((0, 1))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"torch\.no_grad"):
+        _logits(tiny_model, batch, capture.hooks)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        _logits(tiny_model, batch, capture.hooks)
+    # The analysis functions' way: enable_grad inside no_grad works.
+    with torch.no_grad(), torch.enable_grad():
+        loss = _loss(tiny_model, batch, capture.hooks)
+    assert capture.gradients(loss).shape[0] == 2
+
+
+def test_saliency_gradients_explain_what_is_missing(tiny_model, batch):
+    never_run = SaliencyCapture((0, 2))
+    with pytest.raises(
+        RuntimeError, match=r"No attention pattern was captured for layers \[0, 2\]"
+    ):
+        never_run.gradients(torch.tensor(1.0, requires_grad=True))
+    capture = SaliencyCapture((0,))
+    loss = _loss(tiny_model, batch, capture.hooks)
+    with pytest.raises(RuntimeError, match="carries no gradient"):
+        capture.gradients(loss.detach())
+
+
+def test_resolve_layers_checks_the_range(tiny_model):
+    n = tiny_model.cfg.n_layers
+    assert resolve_layers(tiny_model, [-1, 0]) == (n - 1, 0)
+    assert resolve_layers(tiny_model, None) == tuple(range(n))
+    for bad in (n, -n - 1):
+        with pytest.raises(IndexError, match=f"Layer {bad} does not exist: the model has {n}"):
+            resolve_layers(tiny_model, [bad])
+
+
+def test_scale_attention_skips_minus_one_key_positions():
+    pattern = _pattern(b=2, h=4, q=6, k=6)
+    keys = torch.tensor([[1, 3], [2, -1]])  # the second row has one key position only
+    ((_, hook),) = scale_attention_hooks({0: 2.0}, torch.tensor([5, 5]), keys)
+    out = hook(pattern, hook=None)
+    ratio = out[1, :, 5] / pattern[1, :, 5]
+    expected = torch.ones(6)
+    expected[2] = 2.0  # only column 2 is scaled; -1 scales nothing (not the last column)
+    assert torch.allclose(ratio, expected.expand(4, -1))

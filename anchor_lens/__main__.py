@@ -1,0 +1,7 @@
+"""``python -m anchor_lens`` (and ``torchrun ... -m anchor_lens -- COMMAND ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

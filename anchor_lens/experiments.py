@@ -1,0 +1,530 @@
+"""Every command's config and body; the per-query ones run on
+[`run_experiment`][anchor_lens.runner.run_experiment].
+
+* [`Evaluate`][anchor_lens.experiments.Evaluate] — ICL accuracy (``anchor-lens evaluate``):
+  one record per query with its label-restricted prediction.
+* [`Analyze`][anchor_lens.experiments.Analyze] — §2 of Wang et al. (``anchor-lens analyze``):
+  one record per query with its flows per layer (Eqs. 2–4), its loyalty under each isolation
+  condition (§2.2) and its class attention per layer (§2.3); the results, figures and report
+  are computed from the records.
+
+Records are plain JSON, so a run can be resumed, sharded and re-aggregated.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from . import analysis
+from .episodes import Episode
+from .hooks import resolve_layers
+from .icl import predict
+from .prompts import build_icl_batch
+from .runner import Context, Experiment, ModelConfig, RunConfig, option
+
+__all__ = [
+    "Analyze",
+    "AnalyzeConfig",
+    "CompressConfig",
+    "DiagnoseConfig",
+    "Evaluate",
+    "EvaluateConfig",
+    "LongContextConfig",
+    "ReweightConfig",
+    "compress",
+    "diagnose",
+    "long_context",
+    "reweight",
+    "write_json",
+]
+
+
+def write_json(out: Path, name: str, payload: dict) -> Path:
+    """``out/name`` as standard JSON: an undefined number is ``null``, never a bare ``NaN``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False))
+    return path
+
+
+def provenance(ctx: Context) -> dict:
+    """What every results file records: model, task, and where the data came from."""
+    return {
+        "model": str(ctx.config.model),
+        "task": ctx.task.name,
+        "label_words": list(ctx.task.label_words),
+        "data": str(ctx.config.data) if ctx.config.data else None,
+        **ctx.pools.to_json(),
+    }
+
+
+def _batch(ctx: Context, episode: Episode, indices: Sequence[int], **kwargs):
+    queries = [episode.queries[i] for i in indices]
+    demos = [episode.demos_for(i) for i in indices]
+    return build_icl_batch(ctx.model, ctx.task, demos, queries, **kwargs).to(ctx.model.cfg.device)
+
+
+# ---------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluateConfig(RunConfig):
+    shots: int = option(1, help="demonstrations per class (0 = zero-shot)")
+    scoring: str = option(
+        "first_token",
+        help="score the first token of each label word (the paper) or the whole word",
+        choices=["first_token", "full_word"],
+    )
+    prepend_bos: bool | None = option(
+        None, help="start prompts with the BOS token (default: the model's native convention)"
+    )
+
+
+class Evaluate(Experiment):
+    """ICL accuracy: one record per query (prediction, label, class probabilities, mass)."""
+
+    name = "evaluate"
+    config_cls: ClassVar[type] = EvaluateConfig
+
+    def records(self, ctx, episode, indices):
+        cfg: EvaluateConfig = ctx.config
+        batch = _batch(
+            ctx,
+            episode,
+            indices,
+            prepend_bos=cfg.prepend_bos,
+            check_label_collisions=cfg.scoring == "first_token",
+        )
+        pred = predict(ctx.model, batch, cfg.scoring)
+        return [
+            {
+                "label": int(label),
+                "prediction": int(p),
+                "probs": probs.tolist(),
+                "label_mass": float(mass),
+            }
+            for label, p, probs, mass in zip(
+                pred.labels, pred.predicted, pred.label_probs, pred.label_mass, strict=True
+            )
+        ]
+
+    def finish(self, ctx, records, episodes):
+        cfg: EvaluateConfig = ctx.config
+        n_classes = ctx.task.n_classes
+        seeds = {}
+        for seed, recs in records.items():
+            preds = [r["prediction"] for r in recs]
+            labels = [r["label"] for r in recs]
+            seeds[str(seed)] = {
+                "accuracy": statistics.fmean(p == y for p, y in zip(preds, labels, strict=True)),
+                "label_mass": statistics.fmean(r["label_mass"] for r in recs),
+                "predicted_counts": [preds.count(c) for c in range(n_classes)],
+                "predictions": preds,
+                "labels": labels,
+            }
+        accs = [s["accuracy"] for s in seeds.values()]
+        counts = [sum(s["predicted_counts"][c] for s in seeds.values()) for c in range(n_classes)]
+        metrics = {
+            "accuracy": statistics.fmean(accs),
+            "accuracy_std": statistics.pstdev(accs),
+            "accuracy_min": min(accs),
+            "accuracy_max": max(accs),
+            "n": next(iter(episodes.values())).n,
+            "n_seeds": len(accs),
+            "label_mass": statistics.fmean(s["label_mass"] for s in seeds.values()),
+            "predicted_counts": dict(zip(ctx.task.label_words, counts, strict=True)),
+            **provenance(ctx),
+            "shots": cfg.shots,
+            "episode_mode": cfg.demo_mode,
+            "scoring": cfg.scoring,
+            "prepend_bos": cfg.prepend_bos,
+            "seeds": seeds,
+        }
+        path = write_json(cfg.out, "metrics.json", metrics)
+        spread = (
+            f"± {metrics['accuracy_std']:.3f} sd over {len(accs)} seeds"
+            if len(accs) > 1
+            else "1 seed; pass several --seed for the spread"
+        )
+        predicted = ", ".join(f"{w} {c}" for w, c in metrics["predicted_counts"].items())
+        print(
+            f"{ctx.task.name}: {cfg.shots}-shot accuracy {metrics['accuracy']:.3f} ({spread}; "
+            f"n={metrics['n']}, {cfg.demo_mode.replace('_', '-')} demonstrations), label mass "
+            f"{metrics['label_mass']:.2f}, predicted {predicted} -> {path}"
+        )
+        return metrics
+
+
+# ----------------------------------------------------------------------------------- analyze
+@dataclass
+class AnalyzeConfig(RunConfig):
+    batch_size: int = option(4, help="prompts per forward pass", positive=True)
+    shots: int = option(1, help="demonstrations per class", positive=True)
+    k_layers: int = option(5, help="layers isolated at each end", positive=True)
+    top_k: int = option(5, help="tokens compared by word loyalty", positive=True)
+    loss_target: str = option(
+        "gold",
+        help="label whose loss the saliency differentiates",
+        choices=["gold", "prediction"],
+    )
+    binary_score: str = option(
+        "raw",
+        help="AUCROC_l with two predicted classes: raw class attention (the paper's code) or "
+        "its share of the attention to both classes",
+        choices=["raw", "share"],
+    )
+    include_special: bool = option(
+        False, help="count special tokens (e.g. a BOS) as words in S_wp/S_ww"
+    )
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "undefined" if value is None else format(value, spec)
+
+
+class Analyze(Experiment):
+    """§2 of the paper per query: flows, isolation loyalty, class attention per layer."""
+
+    name = "analyze"
+    config_cls: ClassVar[type] = AnalyzeConfig
+
+    def records(self, ctx, episode, indices):
+        cfg: AnalyzeConfig = ctx.config
+        model = ctx.model
+        layers = resolve_layers(model, None)
+        spans = analysis.isolation_spans(model.cfg.n_layers, cfg.k_layers)
+        batch = _batch(ctx, episode, indices)
+        flows = analysis.batch_flows(
+            model,
+            batch,
+            layers,
+            loss_target=cfg.loss_target,
+            exclude_special=not cfg.include_special,
+        )
+        generators = [analysis.example_generator(episode.seed, i) for i in indices]
+        iso = analysis.batch_isolation(model, batch, spans, generators, top_k=cfg.top_k)
+        scores, pred = analysis.batch_deep_scores(model, batch, layers, ctx.task.n_classes)
+        return [
+            {
+                "label": int(batch.labels[b]),
+                "prediction": int(pred[b]),
+                "flow": {k: flows[k][:, b].tolist() for k in ("S_wp", "S_pq", "S_ww")},
+                "isolation": {k: [float(a[b]), float(j[b])] for k, (a, j) in iso.items()},
+                "class_attention": scores[:, b].tolist(),
+            }
+            for b in range(len(indices))
+        ]
+
+    def finish(self, ctx, records, episodes):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from . import plotting
+
+        cfg: AnalyzeConfig = ctx.config
+        every = [r for recs in records.values() for r in recs]
+        flows = {k: torch.tensor([r["flow"][k] for r in every]).T for k in ("S_wp", "S_pq", "S_ww")}
+        flow = analysis.flow_result(
+            flows, loss_target=cfg.loss_target, exclude_special=not cfg.include_special
+        )
+        spans = analysis.isolation_spans(ctx.model.cfg.n_layers, cfg.k_layers)
+        iso_examples = {
+            k: (
+                torch.tensor([r["isolation"][k][0] for r in every]),
+                torch.tensor([r["isolation"][k][1] for r in every]),
+            )
+            for k in analysis.ISOLATION_CONDITIONS
+        }
+        iso = analysis.isolation_result(
+            iso_examples, spans, k_layers=cfg.k_layers, top_k=cfg.top_k, seed=cfg.seed[0]
+        )
+        deep = _seed_averaged_deep(ctx, records, cfg.binary_score)
+
+        out = cfg.out
+        first = next(iter(episodes.values()))
+        protocol = provenance(ctx) | first.to_json() | {"seeds": list(records)}
+        for name, result in (("flow", flow), ("isolation", iso), ("deep", deep)):
+            write_json(out, f"{name}.json", result.to_json() | {"protocol": protocol})
+        title = f"{ctx.task.name} · {cfg.model}"
+        for name, plot, result in (
+            ("fig3_flow", plotting.plot_flow, flow),
+            ("fig4_isolation", plotting.plot_isolation, iso),
+            ("fig5_deep", plotting.plot_deep, deep),
+        ):
+            plot(result, title=title).savefig(out / f"{name}.png", dpi=150)
+        findings = analysis.paper_findings(flow, iso, deep)
+        predicted = ", ".join(f"{w} {c}" for w, c in deep.predicted_classes.items())
+        fresh = "fresh for every query" if first.mode == "per_query" else "one set for all"
+        extra = (
+            f"Protocol: seed(s) {', '.join(map(str, records))}, {first.shots} demonstration(s) "
+            f"per class, {fresh}; demonstrations from {ctx.pools.demo_source}. Predicted "
+            f"classes: {predicted}." + (f" AUCROC_l: {deep.note}." if deep.note else "")
+        )
+        (out / "report.md").write_text(
+            analysis.findings_markdown(
+                findings, model=str(cfg.model), task=ctx.task.name, n=flow.n, extra=extra
+            )
+        )
+        held = sum(f.holds is True for f in findings)
+        checked = sum(f.holds is not None for f in findings)
+        c = iso.conditions
+        peak = max((a for a in deep.aucroc if a is not None), default=None)
+        print(
+            f"{ctx.task.name}: {held}/{checked} checkable paper findings hold (n={flow.n}, "
+            f"{len(findings) - checked} undefined); label loyalty first/last {cfg.k_layers} "
+            f"layers {c['label_first']['label_loyalty']:.2f}/"
+            f"{c['label_last']['label_loyalty']:.2f}; peak AUCROC_l {_fmt(peak)} "
+            f"-> {out / 'report.md'}"
+        )
+        return {"flow": flow, "isolation": iso, "deep": deep, "findings": findings}
+
+
+def _seed_averaged_deep(ctx: Context, records: dict[int, list[dict]], binary_score: str):
+    """AUCROC_l per seed, averaged over the seeds where it is defined (the paper: mean of 5
+    seeds, R_l on the mean); one seed gives that seed's result."""
+    from . import metrics
+
+    per_seed = []
+    for recs in records.values():
+        scores = torch.tensor([r["class_attention"] for r in recs]).transpose(0, 1)
+        preds = torch.tensor([r["prediction"] for r in recs])
+        per_seed.append(analysis.deep_result(scores, preds, ctx.task, binary_score))
+    if len(per_seed) == 1:
+        return per_seed[0]
+    defined = [d for d in per_seed if d.defined]
+    counts = {w: sum(d.predicted_classes[w] for d in per_seed) for w in ctx.task.label_words}
+    n = sum(d.n for d in per_seed)
+    if not defined:
+        reasons = "; ".join(d.undefined_reason or "" for d in per_seed)
+        return analysis.DeepResult(
+            [None] * len(per_seed[0].aucroc), [None] * len(per_seed[0].aucroc), n, counts,
+            binary_score, f"undefined in every seed ({reasons})",
+        )  # fmt: skip
+    mean = [statistics.fmean(layer) for layer in zip(*(d.aucroc for d in defined), strict=True)]
+    note = f"mean over the {len(defined)} of {len(per_seed)} seeds where AUCROC_l is defined"
+    return analysis.DeepResult(mean, metrics.cumulative_r(mean), n, counts, binary_score, note=note)
+
+
+# ------------------------------------------------------------------------------ applications
+# Re-weighting and compression train or cache one context, so they run whole (one demonstration
+# set per seed) rather than per query; they share the config, checks, outputs and manifest.
+@dataclass
+class ReweightConfig(RunConfig):
+    demo_mode: str = field(default="fixed")  # β belongs to one context: not an option
+    train_per_class: int = option(4, help="β training examples per class", positive=True)
+    epochs: int = option(10, help="passes over the training set", positive=True)
+    lr: float = option(0.01, help="Adam learning rate for β")
+
+
+def reweight(config: ReweightConfig, ctx: Context) -> dict:
+    """Anchor re-weighting vs vanilla 1-shot and 5-shot ICL (Table 1) for every seed."""
+    from .reweighting import run_reweighting
+
+    runs = []
+    for seed in config.seed:
+        result, module = run_reweighting(
+            ctx.model,
+            ctx.task,
+            pools=ctx.pools,
+            n=config.n,
+            seed=seed,
+            train_per_class=config.train_per_class,
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            progress=not config.quiet,
+        )
+        config.out.mkdir(parents=True, exist_ok=True)
+        module.save(config.out / f"beta_seed{seed}.safetensors")
+        runs.append(result)
+    summary = {
+        key: statistics.fmean(getattr(r, key) for r in runs)
+        for key in ("accuracy_1shot", "accuracy_5shot", "accuracy_reweighted")
+    }
+    summary.update(n=runs[0].n, **provenance(ctx), seeds=[r.to_json() for r in runs])
+    path = write_json(config.out, "reweight.json", summary)
+    print(
+        f"{ctx.task.name}: accuracy 1-shot {summary['accuracy_1shot']:.3f}, 5-shot "
+        f"{summary['accuracy_5shot']:.3f}, re-weighted {summary['accuracy_reweighted']:.3f} "
+        f"(n={summary['n']}, {len(runs)} seed(s)) -> {path}"
+    )
+    return summary
+
+
+@dataclass
+class CompressConfig(RunConfig):
+    demo_mode: str = field(default="fixed")  # the compressed cache is one context
+    n_random: int = option(20, help="Hidden_random draws", positive=True)
+    top_k: int = option(5, help="tokens for word loyalty", positive=True)
+
+
+def compress(config: CompressConfig, ctx: Context) -> dict:
+    """Anchor-only compression vs full ICL and baselines (Tables 2-3) for every seed."""
+    from .compression import run_compression
+
+    runs = [
+        run_compression(
+            ctx.model,
+            ctx.task,
+            pools=ctx.pools,
+            n=config.n,
+            seed=seed,
+            n_random=config.n_random,
+            top_k=config.top_k,
+            batch_size=config.batch_size,
+        )
+        for seed in config.seed
+    ]
+    methods = {
+        name: {
+            key: statistics.fmean(r.methods[name][key] for r in runs)
+            for key in runs[0].methods[name]
+        }
+        for name in runs[0].methods
+    }
+    summary = {
+        "methods": methods,
+        "speedup": statistics.fmean(r.speedup for r in runs),
+        "n": runs[0].n,
+        **provenance(ctx),
+        "seeds": [r.to_json() for r in runs],
+    }
+    path = write_json(config.out, "compress.json", summary)
+    a = methods["hidden_anchor"]
+    print(
+        f"{ctx.task.name}: Hidden_anchor label loyalty {a['label_loyalty']:.2f}, word loyalty "
+        f"{a['word_loyalty']:.2f}, accuracy {a['accuracy']:.3f} (full ICL "
+        f"{methods['full_icl']['accuracy']:.3f}), {summary['speedup']:.2f}x faster -> {path}"
+    )
+    return summary
+
+
+@dataclass
+class DiagnoseConfig(RunConfig):
+    layer: int | None = option(None, help="layer (default: 3/4 of depth)")
+    components: int = option(10, help="PCA components", positive=True)
+
+
+def diagnose(config: DiagnoseConfig, ctx: Context) -> dict:
+    """Anchor-distance error diagnosis (Fig. 6) on the first seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .diagnosis import run_diagnosis
+    from .plotting import plot_confusion
+
+    if len(config.seed) != 1:
+        raise ValueError("diagnose takes one --seed; run it once per seed.")
+    result = run_diagnosis(
+        ctx.model,
+        ctx.task,
+        pools=ctx.pools,
+        n=config.n,
+        seed=config.seed[0],
+        mode=config.demo_mode,
+        layer=config.layer,
+        n_components=config.components,
+        batch_size=config.batch_size,
+        progress=not config.quiet,
+    )
+    out = result.to_json() | {
+        "most_confused_predicted": result.most_confused("predicted"),
+        "most_confused_real": result.most_confused("real"),
+        **provenance(ctx),
+    }
+    path = write_json(config.out, "diagnose.json", out)
+    plot_confusion(result, title=f"{ctx.task.name} · {config.model}").savefig(
+        config.out / "confusion.png", dpi=150
+    )
+    print(
+        f"{ctx.task.name}: most confused predicted {'-'.join(out['most_confused_predicted'])}, "
+        f"real {'-'.join(out['most_confused_real'])}; Spearman ρ {_fmt(result.spearman)} "
+        f"(layer {result.layer}, n={result.n}) -> {path}"
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------ LM-Infinite
+@dataclass
+class LongContextConfig(ModelConfig):
+    text: Path | None = option(
+        None, help="a plain-text file of long text (default: the texts of --task/--data joined)"
+    )
+    task: str = option("agnews", help="task whose texts to join")
+    data: str | None = option(None, help="file or folder for --task (default: its hub test split)")
+    length: int | None = option(None, help="NLL window in tokens (default: 1.5 x L)")
+    n_windows: int = option(1, help="disjoint windows to average", positive=True)
+    bin_size: int = option(256, help="positions per NLL bin", positive=True)
+    passkey_lengths: list[int] | None = option(
+        None, help="passkey prompt lengths (default: L/2 and 1.25 x L; none to skip)", nargs="*"
+    )
+    passkey_trials: int = option(3, help="key depths per length", positive=True)
+    n_global: int = option(10, help="global tokens")
+    seed: int = option(0, help="seed for the passkeys")
+
+
+def long_context(config: LongContextConfig, ctx: Context) -> dict:
+    """LM-Infinite: NLL per position and passkey retrieval past the pre-training length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .lminfinite import pretrain_length
+    from .long_context import long_token_windows, nll_curves, passkey_accuracy
+    from .models import plain_hf_model
+    from .plotting import plot_nll, plot_passkey
+    from .tasks import load_examples
+
+    model, tokenizer = plain_hf_model(ctx.model), ctx.model.tokenizer
+    limit = pretrain_length(model)
+    length = config.length or limit * 3 // 2
+    if config.text is not None:
+        texts = [config.text.read_text()]
+        source = str(config.text)
+    else:
+        texts = (e.text for e in load_examples(config.task, config.data))
+        source = f"{config.task} texts from {config.data or 'the hub'}, joined by blank lines"
+    windows = long_token_windows(tokenizer, texts, length, config.n_windows)
+    curves = nll_curves(
+        model,
+        windows,
+        bin_size=config.bin_size,
+        n_global=config.n_global,
+        progress=not config.quiet,
+    )
+    lengths = config.passkey_lengths
+    if lengths is None:
+        lengths = [limit // 2, limit * 5 // 4]
+    passkey = None
+    if lengths:
+        passkey = passkey_accuracy(
+            model,
+            tokenizer,
+            lengths,
+            n_trials=config.passkey_trials,
+            n_global=config.n_global,
+            seed=config.seed,
+            progress=not config.quiet,
+        )
+    payload = {
+        "model": str(config.model),
+        "text": source,
+        "pretrain_length": limit,
+        "n_global": config.n_global,
+        "nll": curves.to_json(),
+        "passkey": passkey.to_json() if passkey else None,
+    }
+    path = write_json(config.out, "long_context.json", payload)
+    name = str(config.model)
+    plot_nll(curves, title=f"{name}: NLL per position").savefig(config.out / "nll.png", dpi=150)
+    if passkey:
+        plot_passkey(passkey, title=f"{name}: passkey").savefig(config.out / "passkey.png", dpi=150)
+    past = {m: _fmt(v["mean_nll_past_L"]) for m, v in curves.summary.items()}
+    print(f"mean NLL past L={limit}: {past} -> {path}")
+    if passkey:
+        print(f"passkey accuracy at {passkey.lengths}: {passkey.accuracy}")
+    return payload

