@@ -20,7 +20,8 @@ from anchor_lens.compression import (
     compressed_logits,
     split_prompt,
 )
-from anchor_lens.icl import sample_episode, target_logits
+from anchor_lens.episodes import sample_episode
+from anchor_lens.icl import target_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {  # task -> (queries, demonstrations) in ../shared/data
@@ -44,9 +45,15 @@ def main() -> None:
     print("task    context  kept  full s/query  anchor s/query  speed-up")
     for task in args.tasks:
         data, demo_data = FILES[task]
-        queries, demos = sample_episode(
-            task, data=DATA / data, demo_data=demo_data and DATA / demo_data, n=args.n, seed=42
+        episode = sample_episode(
+            task,
+            data=DATA / data,
+            demo_data=demo_data and DATA / demo_data,
+            n=args.n,
+            seed=42,
+            mode="fixed",  # the compressed cache is one context
         )
+        queries, demos = episode.queries, episode.demonstrations
         batches = [
             al.build_icl_batch(
                 model, task, demos, queries[i : i + args.batch_size], padding_side="right"

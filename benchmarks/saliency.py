@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 import anchor_lens as al
 from anchor_lens import analysis
+from anchor_lens.episodes import sample_episode
 from anchor_lens.hooks import SaliencyCapture
-from anchor_lens.icl import sample_episode, target_logits
+from anchor_lens.icl import target_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
@@ -44,14 +45,16 @@ def main() -> None:
     args = parser.parse_args()
 
     model = al.load_model(args.model)
-    queries, demos = sample_episode(
+    episode = sample_episode(
         "sst2",
         data=args.data / "validation.jsonl",
         demo_data=args.data / "train.jsonl",
         shots=1,
         n=args.n,
         seed=42,
+        mode="fixed",  # one shared set: the batch below reuses it
     )
+    queries, demos = episode.queries, episode.demonstrations
     batch = al.build_icl_batch(model, "sst2", demos, queries[: args.batch_size])
     layers = tuple(range(model.cfg.n_layers))
     print(

@@ -155,3 +155,30 @@ def _close(a, b, where, tol=1e-5):
         assert abs(a - b) <= tol * max(1.0, abs(a)), (where, a, b)
     else:
         assert a == b, (where, a, b)
+
+
+def test_bfloat16_model_accumulates_metrics_in_float32(tiny_llama_folder):
+    """bf16 weights: flows and class attention stay within bf16's precision of float32."""
+    import torch
+
+    import anchor_lens as al
+
+    ep = al.sample_episode("sentiment-demo", n=6, seed=0)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = al.load_model(str(tiny_llama_folder), dtype=dtype)
+        flow = al.analysis.information_flow(
+            model, "sst2", ep.queries, ep.demonstrations, progress=False
+        )
+        deep = al.analysis.batch_deep_scores(
+            model,
+            al.build_icl_batch(model, "sst2", ep.demonstrations, ep.queries),
+            range(model.cfg.n_layers),
+            2,
+        )
+        assert deep[0].dtype == torch.float32
+        results[dtype] = (torch.tensor(flow.S_wp_raw + flow.S_pq_raw + flow.S_ww_raw), deep[0])
+    (f32, d32), (b16, d16) = results[torch.float32], results[torch.bfloat16]
+    # bf16 keeps 8 bits of mantissa (relative step 2^-8 ≈ 0.004), compounded through layers.
+    assert torch.allclose(b16, f32, rtol=0.1, atol=1e-4)
+    assert torch.allclose(d16, d32, rtol=0.05, atol=1e-3)
