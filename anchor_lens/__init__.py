@@ -5,6 +5,7 @@ Built around *Label Words are Anchors* (Wang et al., EMNLP 2023).
 
 from . import analysis, episodes, hooks, metrics
 from .episodes import Episode, Pools, draw_episode, load_pools, sample_episode
+from .hf_hooked import HFHookedModel
 from .icl import (
     EvalResult,
     Predictions,
@@ -43,6 +44,7 @@ __all__ = [
     "Episode",
     "EvalResult",
     "Example",
+    "HFHookedModel",
     "HubUnreachableError",
     "ICLBatch",
     "LabelWordError",

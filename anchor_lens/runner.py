@@ -91,6 +91,13 @@ class ModelConfig:
         None, help="shard a large model over GPUs (passed to TransformerLens, e.g. 'auto')"
     )
     n_devices: int | None = option(None, help="GPUs to shard the model over (TransformerLens)")
+    backend: str = option(
+        "auto",
+        help="bridge: TransformerLens' TransformerBridge; hf: anchor-lens' hooked plain Hugging "
+        "Face attention; auto: the bridge, except for architectures whose bridge drops "
+        "attention edits (GPT-J, OPT)",
+        choices=["auto", "bridge", "hf"],
+    )
     quiet: bool = option(False, help="no progress bars (ours, transformers', datasets')")
 
     #: Fields that change how a run goes, not what it computes: a resumed run may differ here.
@@ -415,6 +422,7 @@ def load_configured_model(config: ModelConfig, dist: Dist | None = None):
         dtype=getattr(torch, config.dtype),
         device_map=config.device_map,
         n_devices=config.n_devices,
+        backend=config.backend,
     )
 
 

@@ -36,10 +36,18 @@ def test_sdpa_model_is_switched_to_eager(tiny_tokenizer):
     assert bridge.original_model.config._attn_implementation == "eager"
 
 
-def test_gptj_attention_edits_are_refused(tiny_tokenizer):
+def test_gptj_bridge_attention_edits_are_refused(tiny_tokenizer):
     hf = tiny_hf_model("gptj", tiny_tokenizer)
     with pytest.raises(al.AttentionNotExposedError, match="GPT-J"):
-        al.load_model(hf, tokenizer=tiny_tokenizer)
+        al.load_model(hf, tokenizer=tiny_tokenizer, backend="bridge")
+
+
+def test_gptj_runs_on_the_plain_hf_backend_by_default(tiny_tokenizer):
+    from anchor_lens.hf_hooked import HFHookedModel
+
+    with pytest.warns(UserWarning, match="GPTJForCausalLM.*drops edits"):
+        model = al.load_model(tiny_hf_model("gptj", tiny_tokenizer), tokenizer=tiny_tokenizer)
+    assert isinstance(model, HFHookedModel)
 
 
 def test_model_object_needs_a_tokenizer(tiny_tokenizer):
