@@ -17,17 +17,25 @@ DATA_DIR = Path(
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _require(available: bool, what: str) -> None:
+def _require(available: bool, what: str, how: str = "") -> None:
     # In CI everything must be there: a skip would hide a broken install.
     if not available:
+        fix = f". {how}" if how else ""
         if IN_CI:
-            pytest.fail(f"{what} is missing in CI")
-        pytest.skip(f"{what} is not available")
+            pytest.fail(f"{what} is missing in CI{fix}")
+        pytest.skip(f"{what} is not available{fix}")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    _require(DATA_DIR.is_dir(), f"the shared data folder {DATA_DIR}")
+    _require(
+        DATA_DIR.is_dir(),
+        f"the shared data folder {DATA_DIR}",
+        "Set ANCHOR_LENS_DATA=/path/to/data, a folder holding sst2/train.jsonl, "
+        "sst2/validation.jsonl, trec/train.jsonl, ag_news/{train,validation}.jsonl and "
+        "emo/{train,validation}.jsonl: JSON Lines with the hub datasets' columns (SST-2 "
+        "sentence/label, TREC text/coarse_label, AG News and EmoC text/label)",
+    )
     return DATA_DIR
 
 
