@@ -43,6 +43,7 @@ __all__ = [
     "Finding",
     "FlowResult",
     "IsolationResult",
+    "SaliencyPass",
     "batch_deep_scores",
     "batch_flows",
     "batch_isolation",
@@ -57,6 +58,7 @@ __all__ = [
     "isolation_spans",
     "paper_findings",
     "random_positions",
+    "saliency_pass",
 ]
 
 LossTarget = Literal["gold", "prediction"]
@@ -87,7 +89,27 @@ class FlowResult:
         return asdict(self)
 
 
-def batch_flows(
+@dataclass
+class SaliencyPass:
+    """What one forward + backward pass over a batch gives (see `saliency_pass`).
+
+    Attributes:
+        flows: ``S_wp``/``S_pq``/``S_ww`` per layer and example, ``[layer, batch]`` (and
+            ``S_*_head`` ``[layer, head, batch]`` with ``keep_per_head``).
+        logits: The unedited next-token logits at the target, ``[batch, vocab]``, float32:
+            the reference for loyalty (the saliency placeholders multiply by exactly 1).
+        predictions: The label-restricted prediction of each example, ``[batch]``.
+        class_attention: Class scores per layer ``[layer, batch, n_class]`` from the same
+            forward's patterns (§2.3), when ``n_classes`` was given.
+    """
+
+    flows: dict[str, Tensor]
+    logits: Tensor
+    predictions: Tensor
+    class_attention: Tensor | None = None
+
+
+def saliency_pass(
     model,
     batch: ICLBatch,
     layers: Sequence[int],
@@ -95,11 +117,14 @@ def batch_flows(
     loss_target: LossTarget = "gold",
     exclude_special: bool = True,
     keep_per_head: bool = False,
-) -> dict[str, Tensor]:
-    """Per-example flows of one batch: ``S_wp``/``S_pq``/``S_ww`` as ``[layer, batch]``.
+    n_classes: int | None = None,
+) -> SaliencyPass:
+    """Flows, reference logits and (optionally) class attention from one forward + backward.
 
-    With ``keep_per_head`` also ``S_*_head`` as ``[layer, head, batch]``. One forward and one
-    backward pass; see [`information_flow`][anchor_lens.analysis.information_flow].
+    The analysis needs the unedited logits (loyalty's reference, the prediction AUCROC_l is
+    scored against) and the target rows of every pattern (§2.3); the saliency forward already
+    computes both, so [`Analyze`][anchor_lens.experiments.Analyze] runs no other unedited
+    forward. With ``n_classes``, ``layers`` must be every layer for AUCROC_l to mean Fig. 5.
     """
     _check_demos(batch, "information_flow")
     if loss_target not in ("gold", "prediction"):
@@ -107,8 +132,11 @@ def batch_flows(
     if loss_target == "gold" and (batch.labels < 0).any():
         raise ValueError("loss_target='gold' needs labelled queries.")
     capture = SaliencyCapture(tuple(layers))
+    rows = PatternCapture(tuple(layers), query_positions=batch.target_positions)
+    hooks = capture.hooks + (rows.hooks if n_classes is not None else [])
     with torch.enable_grad():
-        logits = target_logits(model, batch, capture.hooks)[:, batch.label_token_ids]
+        full = target_logits(model, batch, hooks)
+        logits = full[:, batch.label_token_ids]
         target = batch.labels if loss_target == "gold" else logits.argmax(-1)
         # Summed over the batch: examples do not interact, so each keeps its own gradient.
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
@@ -127,7 +155,38 @@ def batch_flows(
             einops.rearrange(grads.abs(), "layer batch head q k -> layer head batch q k"), masks
         )
         out |= {f"{k}_head": v.detach().cpu() for k, v in head_flows.items()}
-    return out
+    scores = None
+    if n_classes is not None:
+        scores = metrics.class_attention_scores(
+            rows.stacked().float(), batch.label_positions, batch.demo_labels, n_classes
+        ).cpu()
+    predictions = logits.detach().argmax(-1).cpu()
+    return SaliencyPass(out, full.detach().float(), predictions, scores)
+
+
+def batch_flows(
+    model,
+    batch: ICLBatch,
+    layers: Sequence[int],
+    *,
+    loss_target: LossTarget = "gold",
+    exclude_special: bool = True,
+    keep_per_head: bool = False,
+) -> dict[str, Tensor]:
+    """Per-example flows of one batch: ``S_wp``/``S_pq``/``S_ww`` as ``[layer, batch]``.
+
+    With ``keep_per_head`` also ``S_*_head`` as ``[layer, head, batch]``. One forward and one
+    backward pass ([`saliency_pass`][anchor_lens.analysis.saliency_pass]); see
+    [`information_flow`][anchor_lens.analysis.information_flow].
+    """
+    return saliency_pass(
+        model,
+        batch,
+        layers,
+        loss_target=loss_target,
+        exclude_special=exclude_special,
+        keep_per_head=keep_per_head,
+    ).flows
 
 
 def flow_result(
@@ -259,16 +318,18 @@ def batch_isolation(
     generators: Sequence[torch.Generator],
     *,
     top_k: int = 5,
+    reference: Tensor | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-example ``(label agreement, top-k Jaccard)`` of one batch for each condition.
 
     ``generators[b]`` draws row ``b``'s random positions (one draw per layer), so the random
-    baseline of a query does not depend on its batch.
+    baseline of a query does not depend on its batch. ``reference`` is the unedited target
+    logits if already computed (e.g. ``SaliencyPass.logits``); else one forward computes them.
     """
     _check_demos(batch, "isolation")
     out: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
-        ref = target_logits(model, batch).float()
+        ref = reference.float() if reference is not None else target_logits(model, batch).float()
         ref_pred = ref[:, batch.label_token_ids].argmax(-1)
         for where, layers in spans.items():
             random_rows = {

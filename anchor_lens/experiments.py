@@ -199,16 +199,21 @@ class Analyze(Experiment):
         layers = resolve_layers(model, None)
         spans = analysis.isolation_spans(model.cfg.n_layers, cfg.k_layers)
         batch = _batch(ctx, episode, indices)
-        flows = analysis.batch_flows(
+        # One forward + backward gives the flows, the unedited logits and the class attention;
+        # the four isolation conditions are the only other passes.
+        sal = analysis.saliency_pass(
             model,
             batch,
             layers,
             loss_target=cfg.loss_target,
             exclude_special=not cfg.include_special,
+            n_classes=ctx.task.n_classes,
         )
+        flows, scores, pred = sal.flows, sal.class_attention, sal.predictions.cpu()
         generators = [analysis.example_generator(episode.seed, i) for i in indices]
-        iso = analysis.batch_isolation(model, batch, spans, generators, top_k=cfg.top_k)
-        scores, pred = analysis.batch_deep_scores(model, batch, layers, ctx.task.n_classes)
+        iso = analysis.batch_isolation(
+            model, batch, spans, generators, top_k=cfg.top_k, reference=sal.logits
+        )
         return [
             {
                 "label": int(batch.labels[b]),

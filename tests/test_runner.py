@@ -182,3 +182,47 @@ def test_bfloat16_model_accumulates_metrics_in_float32(tiny_llama_folder):
     # bf16 keeps 8 bits of mantissa (relative step 2^-8 ≈ 0.004), compounded through layers.
     assert torch.allclose(b16, f32, rtol=0.1, atol=1e-4)
     assert torch.allclose(d16, d32, rtol=0.05, atol=1e-3)
+
+
+def test_analyze_records_equal_the_separate_analysis_functions(tiny_llama):
+    """The runner's one-pass Analyze gives what information_flow / isolation / deep_layer_auc
+    give with their own forwards."""
+    from anchor_lens import analysis
+    from anchor_lens.episodes import load_pools
+    from anchor_lens.experiments import Analyze, AnalyzeConfig
+    from anchor_lens.runner import Context
+    from anchor_lens.tasks import get_task
+
+    task = get_task("sentiment-demo")
+    pools = load_pools(task)
+    ep = al_draw(task, pools)
+    config = AnalyzeConfig(out=Path("unused"), k_layers=1, batch_size=3)
+    ctx = Context(config, task, pools, model=tiny_llama)
+    records = Analyze().records(ctx, ep, list(range(ep.n)))
+    flow = analysis.information_flow(tiny_llama, task, ep.queries, ep.demonstrations, batch_size=3,
+                                     progress=False)  # fmt: skip
+    iso = analysis.isolation(tiny_llama, task, ep.queries, ep.demonstrations, k_layers=1,
+                             seed=ep.seed, batch_size=3, progress=False)  # fmt: skip
+    deep = analysis.deep_layer_auc(tiny_llama, task, ep.queries, ep.demonstrations, batch_size=3,
+                                   progress=False)  # fmt: skip
+    for key in ("S_wp", "S_pq", "S_ww"):
+        mean = [sum(r["flow"][key][layer] for r in records) / ep.n for layer in range(3)]
+        assert mean == pytest.approx(getattr(flow, f"{key}_raw"), rel=1e-5, abs=1e-9)
+    for key, v in iso.conditions.items():
+        agree = sum(r["isolation"][key][0] for r in records) / ep.n
+        jacc = sum(r["isolation"][key][1] for r in records) / ep.n
+        assert (agree, jacc) == pytest.approx((v["label_loyalty"], v["word_loyalty"]), abs=1e-6)
+    counts = [sum(r["prediction"] == c for r in records) for c in range(2)]
+    assert counts == list(deep.predicted_classes.values())
+    import torch
+
+    scores = torch.tensor([r["class_attention"] for r in records]).transpose(0, 1)
+    preds = torch.tensor([r["prediction"] for r in records])
+    ours = analysis.deep_result(scores, preds, task)
+    _close(ours.aucroc, deep.aucroc, "aucroc")
+
+
+def al_draw(task, pools):
+    from anchor_lens.episodes import draw_episode
+
+    return draw_episode(task, pools, n=9, seed=3)
