@@ -3,7 +3,7 @@
 Built around *Label Words are Anchors* (Wang et al., EMNLP 2023).
 """
 
-from . import analysis, episodes, hooks, metrics
+from . import analysis, episodes, hooks, metrics, report
 from .episodes import Episode, Pools, draw_episode, load_pools, sample_episode
 from .hf_hooked import HFHookedModel
 from .icl import (
@@ -70,6 +70,7 @@ __all__ = [
     "load_pools",
     "metrics",
     "predict",
+    "report",
     "run_icl",
     "sample_demonstrations",
     "sample_episode",

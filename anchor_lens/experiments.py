@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from . import analysis
+from . import analysis, report
 from .episodes import Episode
 from .hooks import resolve_layers
 from .icl import predict
@@ -262,7 +262,7 @@ class Analyze(Experiment):
             ("fig5_deep", plotting.plot_deep, deep),
         ):
             plot(result, title=title).savefig(out / f"{name}.png", dpi=150)
-        findings = analysis.paper_findings(flow, iso, deep)
+        findings = report.paper_findings(flow, iso, deep)
         predicted = ", ".join(f"{w} {c}" for w, c in deep.predicted_classes.items())
         fresh = "fresh for every query" if first.mode == "per_query" else "one set for all"
         extra = (
@@ -271,7 +271,7 @@ class Analyze(Experiment):
             f"classes: {predicted}." + (f" AUCROC_l: {deep.note}." if deep.note else "")
         )
         (out / "report.md").write_text(
-            analysis.findings_markdown(
+            report.findings_markdown(
                 findings, model=str(cfg.model), task=ctx.task.name, n=flow.n, extra=extra
             )
         )

@@ -6,7 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from anchor_lens import analysis, plotting  # noqa: E402
+from anchor_lens import analysis, plotting, report  # noqa: E402
 
 N_LAYERS = 6
 
@@ -47,13 +47,13 @@ def _single_class_deep():
 
 
 def test_undefined_auc_is_reported_as_undefined_not_as_failing():
-    findings = analysis.paper_findings(_flow(), _iso(), _single_class_deep())
+    findings = report.paper_findings(_flow(), _iso(), _single_class_deep())
     verdicts = {f.claim.split(" ")[0]: f.verdict for f in findings}
     assert verdicts["AUCROC_l"] == "undefined" and verdicts["R_l"] == "undefined"
     assert [f.verdict for f in findings[:5]] == ["yes"] * 5
-    report = analysis.findings_markdown(findings, model="m", task="t", n=4)
-    assert "5 of 5 checkable findings" in report and "2 undefined on this run" in report
-    assert "| undefined | AUCROC_l undefined: the model predicted 'Positive'" in report
+    text = report.findings_markdown(findings, model="m", task="t", n=4)
+    assert "5 of 5 checkable findings" in text and "2 undefined on this run" in text
+    assert "| undefined | AUCROC_l undefined: the model predicted 'Positive'" in text
 
 
 def test_undefined_auc_is_null_in_strict_json():
@@ -72,5 +72,5 @@ def test_a_defined_run_has_no_annotation():
         aucroc=[0.5, 0.6, 0.7, 0.8, 0.9, 0.8], r_l=[0.0] * N_LAYERS, n=4, predicted_classes={}
     )
     assert not plotting.plot_deep(deep).axes[0].texts
-    findings = analysis.paper_findings(_flow(), _iso(), deep)
+    findings = report.paper_findings(_flow(), _iso(), deep)
     assert findings[5].holds is True and "peak AUCROC_l 0.90 at layer 4" in findings[5].evidence
