@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from ._hub import hub_offline_reason
-from .tasks import Example, Task, get_task, load_examples, sample_demonstrations
+from .tasks import Example, Task, draw_per_class, get_task, load_examples, sample_demonstrations
 
 __all__ = [
     "Episode",
@@ -196,19 +196,12 @@ def _per_query_demos(
     texts = [{e.text for e in members} for members in by_class]
     out = []
     for query in queries:
-        demos: list[Example] = []
-        for c, members in enumerate(by_class):
-            if query.text in texts[c]:  # a query never sees itself
-                members = [e for e in members if e.text != query.text]
-            if len(members) < shots:
-                raise ValueError(
-                    f"Class {c} ({task.label_words[c]!r}) has {len(members)} candidate "
-                    f"demonstrations, fewer than shots={shots}. Use a larger demonstration pool "
-                    "(--demo-data) or fewer shots."
-                )
-            demos.extend(rng.sample(members, shots))
-        rng.shuffle(demos)
-        out.append(demos)
+        # A query never sees itself: drop it from its class's candidates when it is there.
+        candidates = [
+            [e for e in members if e.text != query.text] if query.text in texts[c] else members
+            for c, members in enumerate(by_class)
+        ]
+        out.append(draw_per_class(candidates, task, shots, rng))
     return out
 
 

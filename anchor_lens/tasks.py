@@ -26,6 +26,7 @@ __all__ = [
     "HubUnreachableError",
     "TASKS",
     "Task",
+    "draw_per_class",
     "get_task",
     "load_examples",
     "sample_demonstrations",
@@ -354,14 +355,25 @@ def sample_demonstrations(
     for e in pool:
         if e.text not in banned:
             by_class[e.label].append(e)
+    return draw_per_class(by_class, task, k, rng)
+
+
+def draw_per_class(
+    by_class: Sequence[Sequence[Example]], task: Task, k: int, rng: random.Random
+) -> list[Example]:
+    """``k`` examples of each class from ``by_class[c]``, drawn with ``rng``, in shuffled order.
+
+    Raises:
+        ValueError: a class has fewer than ``k`` candidates (the message names it and the fix).
+    """
     demos: list[Example] = []
     for c, candidates in enumerate(by_class):
         if len(candidates) < k:
             raise ValueError(
                 f"Class {c} ({task.label_words[c]!r}) has {len(candidates)} candidate "
-                f"demonstrations outside the queries, fewer than k={k}. Use a larger pool or "
-                "fewer shots."
+                f"demonstrations outside the queries, fewer than k={k}. Use a larger "
+                "demonstration pool (--demo-data) or fewer shots."
             )
-        demos.extend(rng.sample(candidates, k))
+        demos.extend(rng.sample(list(candidates), k))
     rng.shuffle(demos)
     return demos

@@ -59,7 +59,7 @@ def test_draw_episode_errors():
         draw_episode("sst2", pools, n=0)
     with pytest.raises((ValueError, TypeError), match="mode"):  # TypeError: the type checker
         draw_episode("sst2", pools, mode="shared")
-    with pytest.raises(ValueError, match="fewer than shots=30"):
+    with pytest.raises(ValueError, match="fewer than k=30"):
         draw_episode("sst2", pools, shots=30)
     with pytest.raises(ValueError, match="query pool is empty"):
         draw_episode("sst2", Pools([], POOL, "test"))
