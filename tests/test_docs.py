@@ -58,7 +58,6 @@ PAGES = [
     "README.md",
     "docs/getting-started.md",
     "docs/tasks-and-prompts.md",
-    "docs/models.md",
     "docs/tutorial-information-flow.md",
     "docs/tutorial-isolation.md",
     "docs/tutorial-deep-layers.md",
@@ -70,7 +69,9 @@ PAGES = [
     "docs/running.md",
 ]
 #: Pages with ```python blocks that are not run yet, and why.
-NOT_RUN: dict[str, str] = {}
+NOT_RUN: dict[str, str] = {
+    "docs/models.md": "illustrative: placeholder paths and hub models, which CI cannot reach",
+}
 DATA_FOLDERS = ("sst2", "trec", "ag_news", "emo")
 _MODELS: dict = {}  # load_model's arguments -> the model, shared by the pages
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b\s*(.*?)\s*-->")
