@@ -410,9 +410,8 @@ def load_configured_model(config: ModelConfig, dist: Dist | None = None):
     """The model ``config`` names, on ``cuda:LOCAL_RANK`` under torchrun unless told otherwise."""
     import torch
 
-    from .models import check_model_source, load_model
+    from .models import load_model
 
-    check_model_source(config.model)
     device = config.device
     if device is None and dist is not None and dist.world > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank}"
