@@ -13,7 +13,6 @@ Records are plain JSON, so a run can be resumed, sharded and re-aggregated.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .episodes import Episode
 from .hooks import resolve_layers
 from .icl import predict
 from .prompts import build_icl_batch
-from .runner import Context, Experiment, ModelConfig, RunConfig, option
+from .runner import Context, Experiment, ModelConfig, RunConfig, option, write_json
 
 __all__ = [
     "Analyze",
@@ -44,14 +43,6 @@ __all__ = [
     "reweight",
     "write_json",
 ]
-
-
-def write_json(out: Path, name: str, payload: dict) -> Path:
-    """``out/name`` as standard JSON: an undefined number is ``null``, never a bare ``NaN``."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(payload, indent=2, allow_nan=False))
-    return path
 
 
 def provenance(ctx: Context) -> dict:

@@ -53,6 +53,7 @@ __all__ = [
     "load_configured_model",
     "prepare",
     "run_experiment",
+    "write_json",
     "write_manifest",
 ]
 
@@ -538,6 +539,15 @@ def _model_identity(model: Any, spec: str) -> dict:
     return ident
 
 
+def write_json(out: Path, name: str, payload: dict) -> Path:
+    """``out/name`` as standard JSON: an undefined number is ``null``, never a bare ``NaN``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False))
+    return path
+
+
 def write_manifest(
     config: ModelConfig,
     ctx: Context,
@@ -569,6 +579,4 @@ def write_manifest(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = Path(config.out) / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2, allow_nan=False))
-    return path
+    return write_json(config.out, "manifest.json", manifest)

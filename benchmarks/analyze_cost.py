@@ -18,12 +18,11 @@ the same queries, in batches. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from saliency import best_of  # the same median-of-repeats timer (run as a script)
 
 from anchor_lens.episodes import sample_episode
 from anchor_lens.experiments import Analyze, AnalyzeConfig
@@ -34,16 +33,7 @@ from anchor_lens.runner import Context
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def edited_mask(batch, rows: torch.Tensor, layers_hint: int) -> torch.Tensor:
+def edited_mask(batch, rows: torch.Tensor) -> torch.Tensor:
     """A 4-D additive mask (causal + padding) with ``rows`` blocked from earlier keys."""
     n = batch.input_ids.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch.attention_mask.bool()[:, None]
@@ -74,7 +64,7 @@ def hf_passes(hf, batch, *, saliency: bool, isolation: bool, reference: bool, de
         if deep:
             hf(input_ids=ids, attention_mask=mask2d, position_ids=pos, output_attentions=True)
         if isolation:
-            mask = edited_mask(batch, rows, 0)
+            mask = edited_mask(batch, rows)
             for _ in range(4):
                 hf(input_ids=ids, attention_mask=mask, position_ids=pos)
 
@@ -133,9 +123,9 @@ def main() -> None:
         f"batch {args.batch_size}, prompt length ≈{batches[0].input_ids.shape[1]} tokens"
     )
     analyze()  # warm-up
-    t_analyze = median_time(analyze, args.repeats) / episode.n
-    t_unavoidable = median_time(unavoidable, args.repeats) / episode.n
-    t_baseline = median_time(per_example, args.repeats) / episode.n
+    t_analyze = best_of(analyze, args.repeats) / episode.n
+    t_unavoidable = best_of(unavoidable, args.repeats) / episode.n
+    t_baseline = best_of(per_example, args.repeats) / episode.n
     print(f"unavoidable passes (plain HF, batched)  {t_unavoidable:6.3f} s/query  1.00x")
     print(f"analyze records (anchor-lens, batched)  {t_analyze:6.3f} s/query  "
           f"{t_analyze / t_unavoidable:.2f}x the unavoidable passes (goal <= 1.3x)")  # fmt: skip
