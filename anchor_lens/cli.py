@@ -76,10 +76,10 @@ def _commands() -> dict:
     return {
         "evaluate": (ex.EvaluateConfig, ex.Evaluate),
         "analyze": (ex.AnalyzeConfig, ex.Analyze),
-        "reweight": (ex.ReweightConfig, ex.reweight),
-        "compress": (ex.CompressConfig, ex.compress),
-        "diagnose": (ex.DiagnoseConfig, ex.diagnose),
-        "long-context": (ex.LongContextConfig, ex.long_context),
+        "reweight": (ex.ReweightConfig, ex.Reweight),
+        "compress": (ex.CompressConfig, ex.Compress),
+        "diagnose": (ex.DiagnoseConfig, ex.Diagnose),
+        "long-context": (ex.LongContextConfig, ex.LongContext),
     }
 
 
@@ -107,32 +107,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(name: str, config) -> dict | None:
-    """Run CLI command ``name`` with a config object: what ``anchor-lens NAME ...`` does."""
-    import time
+    """Run CLI command ``name`` with a config object: what ``anchor-lens NAME ...`` does.
 
-    from .runner import Context, Dist, Experiment, prepare, run_experiment, write_manifest
+    Returns the command's summary (``None`` on the non-zero ranks of a torchrun launch).
+    """
+    from .runner import run_experiment
 
-    _, body = _commands()[name]
-    if isinstance(body, type) and issubclass(body, Experiment):
-        return run_experiment(body(), config)
-    dist = Dist.from_env()
-    if dist.world > 1:
-        raise ValueError(
-            f"{name} runs in one process (it trains or caches one context per seed); launch "
-            "it without torchrun. evaluate and analyze shard across processes."
-        )
-    started = time.time()
-    if hasattr(config, "demo_data"):  # an ICL command: task and data are checked first
-        ctx = prepare(config)
-    else:
-        from .runner import load_configured_model
-
-        if config.text is not None and not config.text.is_file():
-            raise FileNotFoundError(f"--text: no such file {config.text}")
-        ctx = Context(config, None, None, model=load_configured_model(config))
-    result = body(config, ctx)
-    write_manifest(config, ctx, experiment=name, started=started)
-    return result
+    _, experiment = _commands()[name]
+    return run_experiment(experiment(), config)
 
 
 def main(argv: list[str] | None = None) -> int:

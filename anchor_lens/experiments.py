@@ -1,4 +1,4 @@
-"""Every command's config and body; the per-query ones run on
+"""Every command's config and experiment, all run by
 [`run_experiment`][anchor_lens.runner.run_experiment].
 
 * [`Evaluate`][anchor_lens.experiments.Evaluate] — ICL accuracy (``anchor-lens evaluate``):
@@ -7,6 +7,11 @@
   one record per query with its flows per layer (Eqs. 2–4), its loyalty under each isolation
   condition (§2.2) and its class attention per layer (§2.3); the results, figures and report
   are computed from the records.
+* [`Reweight`][anchor_lens.experiments.Reweight], [`Compress`][anchor_lens.experiments.Compress]
+  and [`Diagnose`][anchor_lens.experiments.Diagnose] — the applications (§3): they fit or
+  cache one context, so their record is one seed.
+* [`LongContext`][anchor_lens.experiments.LongContext] — LM-Infinite: one record for the NLL
+  curves, one for the passkey test.
 
 Records are plain JSON, so a run can be resumed, sharded and re-aggregated.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,22 +31,29 @@ from .episodes import Episode
 from .hooks import resolve_layers
 from .icl import predict
 from .prompts import build_icl_batch
-from .runner import Context, Experiment, ModelConfig, RunConfig, option, write_json
+from .runner import (
+    Context,
+    Experiment,
+    ModelConfig,
+    RunConfig,
+    UnitExperiment,
+    option,
+    write_json,
+)
 
 __all__ = [
     "Analyze",
     "AnalyzeConfig",
+    "Compress",
     "CompressConfig",
+    "Diagnose",
     "DiagnoseConfig",
     "Evaluate",
     "EvaluateConfig",
+    "LongContext",
     "LongContextConfig",
+    "Reweight",
     "ReweightConfig",
-    "compress",
-    "diagnose",
-    "long_context",
-    "reweight",
-    "write_json",
 ]
 
 
@@ -307,8 +319,12 @@ def _seed_averaged_deep(ctx: Context, records: dict[int, list[dict]], binary_sco
 
 
 # ------------------------------------------------------------------------------ applications
-# Re-weighting and compression train or cache one context, so they run whole (one demonstration
-# set per seed) rather than per query; they share the config, checks, outputs and manifest.
+# Re-weighting and compression train or cache one context, so their unit is a seed (one
+# demonstration set), not a query: seeds are journaled, resumed and sharded across processes.
+def _seed_units(ctx: Context) -> list[dict]:
+    return [{"seed": seed} for seed in ctx.config.seed]
+
+
 @dataclass
 class ReweightConfig(RunConfig):
     demo_mode: str = field(default="fixed")  # β belongs to one context: not an option
@@ -317,18 +333,27 @@ class ReweightConfig(RunConfig):
     lr: float = option(0.01, help="Adam learning rate for β")
 
 
-def reweight(config: ReweightConfig, ctx: Context) -> dict:
-    """Anchor re-weighting vs vanilla 1-shot and 5-shot ICL (Table 1) for every seed."""
-    from .reweighting import run_reweighting
+class Reweight(UnitExperiment):
+    """Anchor re-weighting vs vanilla 1-shot and 5-shot ICL (Table 1), one unit per seed.
 
-    runs = []
-    for seed in config.seed:
+    Each seed's β is saved as ``OUT/beta_seed{S}.safetensors`` when its unit finishes.
+    """
+
+    name = "reweight"
+    config_cls = ReweightConfig
+    unit_name = "seed"
+    units = staticmethod(_seed_units)
+
+    def run_unit(self, ctx, unit):
+        from .reweighting import run_reweighting
+
+        config = ctx.config
         result, module = run_reweighting(
             ctx.model,
             ctx.task,
             pools=ctx.pools,
             n=config.n,
-            seed=seed,
+            seed=unit["seed"],
             train_per_class=config.train_per_class,
             epochs=config.epochs,
             lr=config.lr,
@@ -336,20 +361,20 @@ def reweight(config: ReweightConfig, ctx: Context) -> dict:
             progress=not config.quiet,
         )
         config.out.mkdir(parents=True, exist_ok=True)
-        module.save(config.out / f"beta_seed{seed}.safetensors")
-        runs.append(result)
-    summary = {
-        key: statistics.fmean(getattr(r, key) for r in runs)
-        for key in ("accuracy_1shot", "accuracy_5shot", "accuracy_reweighted")
-    }
-    summary.update(n=runs[0].n, **provenance(ctx), seeds=[r.to_json() for r in runs])
-    path = write_json(config.out, "reweight.json", summary)
-    print(
-        f"{ctx.task.name}: accuracy 1-shot {summary['accuracy_1shot']:.3f}, 5-shot "
-        f"{summary['accuracy_5shot']:.3f}, re-weighted {summary['accuracy_reweighted']:.3f} "
-        f"(n={summary['n']}, {len(runs)} seed(s)) -> {path}"
-    )
-    return summary
+        module.save(config.out / f"beta_seed{unit['seed']}.safetensors")
+        return result.to_json()
+
+    def finish(self, ctx, records):
+        keys = ("accuracy_1shot", "accuracy_5shot", "accuracy_reweighted")
+        summary = {key: statistics.fmean(r[key] for r in records) for key in keys}
+        summary.update(n=records[0]["n"], **provenance(ctx), seeds=records)
+        path = write_json(ctx.config.out, "reweight.json", summary)
+        print(
+            f"{ctx.task.name}: accuracy 1-shot {summary['accuracy_1shot']:.3f}, 5-shot "
+            f"{summary['accuracy_5shot']:.3f}, re-weighted {summary['accuracy_reweighted']:.3f} "
+            f"(n={summary['n']}, {len(records)} seed(s)) -> {path}"
+        )
+        return summary
 
 
 @dataclass
@@ -359,45 +384,52 @@ class CompressConfig(RunConfig):
     top_k: int = option(5, help="tokens for word loyalty", positive=True)
 
 
-def compress(config: CompressConfig, ctx: Context) -> dict:
-    """Anchor-only compression vs full ICL and baselines (Tables 2-3) for every seed."""
-    from .compression import run_compression
+class Compress(UnitExperiment):
+    """Anchor-only compression vs full ICL and baselines (Tables 2-3), one unit per seed."""
 
-    runs = [
-        run_compression(
+    name = "compress"
+    config_cls = CompressConfig
+    unit_name = "seed"
+    units = staticmethod(_seed_units)
+
+    def run_unit(self, ctx, unit):
+        from .compression import run_compression
+
+        config = ctx.config
+        return run_compression(
             ctx.model,
             ctx.task,
             pools=ctx.pools,
             n=config.n,
-            seed=seed,
+            seed=unit["seed"],
             n_random=config.n_random,
             top_k=config.top_k,
             batch_size=config.batch_size,
-        )
-        for seed in config.seed
-    ]
-    methods = {
-        name: {
-            key: statistics.fmean(r.methods[name][key] for r in runs)
-            for key in runs[0].methods[name]
+        ).to_json()
+
+    def finish(self, ctx, records):
+        methods = {
+            name: {
+                key: statistics.fmean(r["methods"][name][key] for r in records)
+                for key in records[0]["methods"][name]
+            }
+            for name in records[0]["methods"]
         }
-        for name in runs[0].methods
-    }
-    summary = {
-        "methods": methods,
-        "speedup": statistics.fmean(r.speedup for r in runs),
-        "n": runs[0].n,
-        **provenance(ctx),
-        "seeds": [r.to_json() for r in runs],
-    }
-    path = write_json(config.out, "compress.json", summary)
-    a = methods["hidden_anchor"]
-    print(
-        f"{ctx.task.name}: Hidden_anchor label loyalty {a['label_loyalty']:.2f}, word loyalty "
-        f"{a['word_loyalty']:.2f}, accuracy {a['accuracy']:.3f} (full ICL "
-        f"{methods['full_icl']['accuracy']:.3f}), {summary['speedup']:.2f}x faster -> {path}"
-    )
-    return summary
+        summary = {
+            "methods": methods,
+            "speedup": statistics.fmean(r["speedup"] for r in records),
+            "n": records[0]["n"],
+            **provenance(ctx),
+            "seeds": records,
+        }
+        path = write_json(ctx.config.out, "compress.json", summary)
+        a = methods["hidden_anchor"]
+        print(
+            f"{ctx.task.name}: Hidden_anchor label loyalty {a['label_loyalty']:.2f}, word "
+            f"loyalty {a['word_loyalty']:.2f}, accuracy {a['accuracy']:.3f} (full ICL "
+            f"{methods['full_icl']['accuracy']:.3f}), {summary['speedup']:.2f}x faster -> {path}"
+        )
+        return summary
 
 
 @dataclass
@@ -406,43 +438,65 @@ class DiagnoseConfig(RunConfig):
     components: int = option(10, help="PCA components", positive=True)
 
 
-def diagnose(config: DiagnoseConfig, ctx: Context) -> dict:
-    """Anchor-distance error diagnosis (Fig. 6) on the first seed."""
-    import matplotlib
+class Diagnose(UnitExperiment):
+    """Anchor-distance error diagnosis (Fig. 6): one seed, one unit."""
 
-    matplotlib.use("Agg")
-    from .diagnosis import run_diagnosis
-    from .plotting import plot_confusion
+    name = "diagnose"
+    config_cls = DiagnoseConfig
+    unit_name = "seed"
 
-    if len(config.seed) != 1:
-        raise ValueError("diagnose takes one --seed; run it once per seed.")
-    result = run_diagnosis(
-        ctx.model,
-        ctx.task,
-        pools=ctx.pools,
-        n=config.n,
-        seed=config.seed[0],
-        mode=config.demo_mode,
-        layer=config.layer,
-        n_components=config.components,
-        batch_size=config.batch_size,
-        progress=not config.quiet,
-    )
-    out = result.to_json() | {
-        "most_confused_predicted": result.most_confused("predicted"),
-        "most_confused_real": result.most_confused("real"),
-        **provenance(ctx),
-    }
-    path = write_json(config.out, "diagnose.json", out)
-    plot_confusion(result, title=f"{ctx.task.name} · {config.model}").savefig(
-        config.out / "confusion.png", dpi=150
-    )
-    print(
-        f"{ctx.task.name}: most confused predicted {'-'.join(out['most_confused_predicted'])}, "
-        f"real {'-'.join(out['most_confused_real'])}; Spearman ρ {_fmt(result.spearman)} "
-        f"(layer {result.layer}, n={result.n}) -> {path}"
-    )
-    return out
+    def context(self, config, dist):
+        if len(config.seed) != 1:
+            raise ValueError("diagnose takes one --seed; run it once per seed.")
+        return super().context(config, dist)
+
+    def units(self, ctx):
+        return _seed_units(ctx)
+
+    def run_unit(self, ctx, unit):
+        from .diagnosis import run_diagnosis
+
+        config = ctx.config
+        result = run_diagnosis(
+            ctx.model,
+            ctx.task,
+            pools=ctx.pools,
+            n=config.n,
+            seed=unit["seed"],
+            mode=config.demo_mode,
+            layer=config.layer,
+            n_components=config.components,
+            batch_size=config.batch_size,
+            progress=not config.quiet,
+        )
+        return result.to_json() | {
+            "most_confused_predicted": result.most_confused("predicted"),
+            "most_confused_real": result.most_confused("real"),
+        }
+
+    def finish(self, ctx, records):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from .diagnosis import DiagnosisResult
+        from .plotting import plot_confusion
+
+        config = ctx.config
+        record = dict(records[0])
+        record.pop("seed")
+        out = record | provenance(ctx)
+        path = write_json(config.out, "diagnose.json", out)
+        result = DiagnosisResult(**{f.name: record[f.name] for f in fields(DiagnosisResult)})
+        plot_confusion(result, title=f"{ctx.task.name} · {config.model}").savefig(
+            config.out / "confusion.png", dpi=150
+        )
+        print(
+            f"{ctx.task.name}: most confused predicted "
+            f"{'-'.join(out['most_confused_predicted'])}, real "
+            f"{'-'.join(out['most_confused_real'])}; Spearman ρ {_fmt(result.spearman)} "
+            f"(layer {result.layer}, n={result.n}) -> {path}"
+        )
+        return out
 
 
 # ------------------------------------------------------------------------------ LM-Infinite
@@ -464,63 +518,100 @@ class LongContextConfig(ModelConfig):
     seed: int = option(0, help="seed for the passkeys")
 
 
-def long_context(config: LongContextConfig, ctx: Context) -> dict:
-    """LM-Infinite: NLL per position and passkey retrieval past the pre-training length."""
-    import matplotlib
+class LongContext(UnitExperiment):
+    """LM-Infinite: NLL per position and passkey retrieval past the pre-training length.
 
-    matplotlib.use("Agg")
-    from .lminfinite import pretrain_length
-    from .long_context import long_token_windows, nll_curves, passkey_accuracy
-    from .models import plain_hf_model
-    from .plotting import plot_nll, plot_passkey
-    from .tasks import load_examples
+    Two units, the NLL curves and the passkey test, so a killed run keeps the finished one.
+    """
 
-    model, tokenizer = plain_hf_model(ctx.model), ctx.model.tokenizer
-    limit = pretrain_length(model)
-    length = config.length or limit * 3 // 2
-    if config.text is not None:
-        texts = [config.text.read_text()]
-        source = str(config.text)
-    else:
-        texts = (e.text for e in load_examples(config.task, config.data))
-        source = f"{config.task} texts from {config.data or 'the hub'}, joined by blank lines"
-    windows = long_token_windows(tokenizer, texts, length, config.n_windows)
-    curves = nll_curves(
-        model,
-        windows,
-        bin_size=config.bin_size,
-        n_global=config.n_global,
-        progress=not config.quiet,
-    )
-    lengths = config.passkey_lengths
-    if lengths is None:
-        lengths = [limit // 2, limit * 5 // 4]
-    passkey = None
-    if lengths:
-        passkey = passkey_accuracy(
+    name = "long-context"
+    config_cls = LongContextConfig
+    unit_name = "part"
+
+    def context(self, config, dist):
+        if config.text is not None and not config.text.is_file():
+            raise FileNotFoundError(f"--text: no such file {config.text}")
+        return super().context(config, dist)
+
+    def _limit(self, ctx) -> int:
+        from .lminfinite import pretrain_length
+        from .models import plain_hf_model
+
+        return pretrain_length(plain_hf_model(ctx.model))
+
+    def _passkey_lengths(self, ctx) -> list[int]:
+        lengths = ctx.config.passkey_lengths
+        if lengths is None:
+            limit = self._limit(ctx)
+            lengths = [limit // 2, limit * 5 // 4]
+        return lengths
+
+    def units(self, ctx):
+        return [{"part": "nll"}] + ([{"part": "passkey"}] if self._passkey_lengths(ctx) else [])
+
+    def run_unit(self, ctx, unit):
+        from .long_context import long_token_windows, nll_curves, passkey_accuracy
+        from .models import plain_hf_model
+        from .tasks import load_examples
+
+        config = ctx.config
+        model, tokenizer = plain_hf_model(ctx.model), ctx.model.tokenizer
+        if unit["part"] == "passkey":
+            return passkey_accuracy(
+                model,
+                tokenizer,
+                self._passkey_lengths(ctx),
+                n_trials=config.passkey_trials,
+                n_global=config.n_global,
+                seed=config.seed,
+                progress=not config.quiet,
+            ).to_json()
+        if config.text is not None:
+            texts = [config.text.read_text()]
+        else:
+            texts = (e.text for e in load_examples(config.task, config.data))
+        length = config.length or self._limit(ctx) * 3 // 2
+        windows = long_token_windows(tokenizer, texts, length, config.n_windows)
+        return nll_curves(
             model,
-            tokenizer,
-            lengths,
-            n_trials=config.passkey_trials,
+            windows,
+            bin_size=config.bin_size,
             n_global=config.n_global,
-            seed=config.seed,
             progress=not config.quiet,
-        )
-    payload = {
-        "model": str(config.model),
-        "text": source,
-        "pretrain_length": limit,
-        "n_global": config.n_global,
-        "nll": curves.to_json(),
-        "passkey": passkey.to_json() if passkey else None,
-    }
-    path = write_json(config.out, "long_context.json", payload)
-    name = str(config.model)
-    plot_nll(curves, title=f"{name}: NLL per position").savefig(config.out / "nll.png", dpi=150)
-    if passkey:
-        plot_passkey(passkey, title=f"{name}: passkey").savefig(config.out / "passkey.png", dpi=150)
-    past = {m: _fmt(v["mean_nll_past_L"]) for m, v in curves.summary.items()}
-    print(f"mean NLL past L={limit}: {past} -> {path}")
-    if passkey:
-        print(f"passkey accuracy at {passkey.lengths}: {passkey.accuracy}")
-    return payload
+        ).to_json()
+
+    def finish(self, ctx, records):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from .long_context import NLLCurves, PasskeyResult
+        from .plotting import plot_nll, plot_passkey
+
+        config = ctx.config
+        parts = {r.pop("part"): r for r in map(dict, records)}
+        curves = NLLCurves(**parts["nll"])
+        passkey = PasskeyResult(**parts["passkey"]) if "passkey" in parts else None
+        if config.text is not None:
+            source = str(config.text)
+        else:
+            source = f"{config.task} texts from {config.data or 'the hub'}, joined by blank lines"
+        payload = {
+            "model": str(config.model),
+            "text": source,
+            "pretrain_length": curves.pretrain_length,
+            "n_global": config.n_global,
+            "nll": curves.to_json(),
+            "passkey": passkey.to_json() if passkey else None,
+        }
+        path = write_json(config.out, "long_context.json", payload)
+        name = str(config.model)
+        plot_nll(curves, title=f"{name}: NLL per position").savefig(config.out / "nll.png", dpi=150)
+        if passkey:
+            plot_passkey(passkey, title=f"{name}: passkey").savefig(
+                config.out / "passkey.png", dpi=150
+            )
+        past = {m: _fmt(v["mean_nll_past_L"]) for m, v in curves.summary.items()}
+        print(f"mean NLL past L={curves.pretrain_length}: {past} -> {path}")
+        if passkey:
+            print(f"passkey accuracy at {passkey.lengths}: {passkey.accuracy}")
+        return payload

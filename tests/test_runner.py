@@ -6,12 +6,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from anchor_lens.cli import main
-from anchor_lens.runner import Journal, JournalMismatchError
+from anchor_lens.runner import (
+    Journal,
+    JournalMismatchError,
+    OutputConfig,
+    UnitExperiment,
+    option,
+    run_experiment,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +95,76 @@ def test_journal_refuses_a_corrupt_line_before_the_last(tmp_path):
         Journal(tmp_path, "evaluate", {"n": 2}).load()
 
 
+# ---------------------------------------------------------------------------- unit experiments
+@dataclass
+class SquaresConfig(OutputConfig):
+    k: list[int] = option([1, 2, 3, 4], help="numbers to square", nargs="+")
+    offset: int = option(0, help="added to every square")
+
+
+class Squares(UnitExperiment):
+    """A toy unit experiment: no model, one unit per number; counts what it computes."""
+
+    name = "squares"
+    config_cls = SquaresConfig
+
+    def __init__(self, fail_at: int | None = None):
+        self.computed: list[int] = []
+        self.fail_at = fail_at
+
+    def units(self, ctx):
+        return [{"k": k} for k in ctx.config.k]
+
+    def run_unit(self, ctx, unit):
+        if unit["k"] == self.fail_at:
+            raise KeyboardInterrupt  # a kill between units
+        self.computed.append(unit["k"])
+        return {"square": unit["k"] ** 2 + ctx.config.offset, "undefined": None}
+
+    def finish(self, ctx, records):
+        return records
+
+
+def test_unit_experiment_journals_resumes_and_keeps_unit_order(tmp_path):
+    config = SquaresConfig(out=tmp_path, k=[3, 1, 2, 5], quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(Squares(fail_at=2), config)
+    assert len(_journal_lines(tmp_path)) == 2  # units 3 and 1 survived the "kill"
+    again = Squares()
+    records = run_experiment(again, config)
+    assert again.computed == [2, 5]  # only what the journal lacked
+    assert records == [{"k": k, "square": k * k, "undefined": None} for k in (3, 1, 2, 5)]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["experiment"] == "squares" and manifest["records_resumed"] == 2
+    assert manifest["model"] is None and manifest["config"]["k"] == [3, 1, 2, 5]
+    # A torn last line is dropped and its unit computed again.
+    path = tmp_path / "journal" / "rank0.jsonl"
+    path.write_text(path.read_text()[:-5])
+    third = Squares()
+    assert run_experiment(third, config) == records and third.computed == [5]
+    with pytest.raises(JournalMismatchError, match="'offset': \\(0, 1\\)"):
+        run_experiment(Squares(), SquaresConfig(out=tmp_path, k=[3, 1, 2, 5], offset=1))
+
+
+def test_reweight_resumes_per_seed(tiny_llama_folder, tmp_path):
+    """Whole-context commands journal one record per seed: a lost seed is recomputed alone,
+    and the results equal an uninterrupted run's."""
+    args = ["reweight", "--model", str(tiny_llama_folder), "--n", "6", "--seed", "1", "2"]
+    args += ["--train-per-class", "1", "--epochs", "1", "--quiet"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*args, "--out", str(full)]) == 0
+    assert main([*args, "--out", str(cut)]) == 0
+    path = cut / "journal" / "rank0.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))  # seed 2 lost
+    (cut / "reweight.json").unlink()
+    assert main([*args, "--out", str(cut)]) == 0
+    assert json.loads((cut / "manifest.json").read_text())["records_resumed"] == 1
+    a = json.loads((full / "reweight.json").read_text())
+    b = json.loads((cut / "reweight.json").read_text())
+    assert a == b and [s["seed"] for s in a["seeds"]] == [1, 2]
+    assert (cut / "beta_seed1.safetensors").is_file() and (cut / "beta_seed2.safetensors").is_file()
+
+
 def _cli(*args, env=None):
     return [sys.executable, "-m", "anchor_lens", *args]
 
@@ -140,6 +218,32 @@ def test_torchrun_two_processes_equal_one(tiny_llama_folder, tmp_path):
                 a = json.loads((one / f"{name}.json").read_text())
                 b = json.loads((two / f"{name}.json").read_text())
                 _close(a, b, name)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_equal_one(tiny_llama_folder, tmp_path):
+    """``accelerate launch`` sets the same environment as torchrun: per-query records shard by
+    batch, whole-context commands by seed (each rank trains its own seeds' β). On CPU the
+    form is ``--multi_gpu`` (its torchrun launcher); ``--cpu --num_processes 2`` would start
+    one process only (multi-CPU accelerate needs MPI)."""
+    common = ["--model", str(tiny_llama_folder), "--n", "12", "--seed", "1", "2", "--quiet"]
+    per_command = {"evaluate": [], "reweight": ["--train-per-class", "1", "--epochs", "1"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "-m"]
+    for command, extra in per_command.items():
+        two, one = tmp_path / f"{command}-2", tmp_path / f"{command}-1"
+        argv = ["anchor_lens", "--", command, *common, *extra, "--out", str(two)]
+        subprocess.run([*launch, *argv], check=True, env=env, cwd=REPO, timeout=600)
+        assert main([command, *common, *extra, "--out", str(one)]) == 0
+        assert json.loads((two / "manifest.json").read_text())["processes"] == 2
+        ranks = sorted((two / "journal").glob("rank*.jsonl"))
+        assert [len(p.read_text().splitlines()) > 1 for p in ranks] == [True, True]
+        name = "metrics.json" if command == "evaluate" else "reweight.json"
+        a = json.loads((one / name).read_text())
+        b = json.loads((two / name).read_text())
+        _close(a, b, name)
 
 
 def _close(a, b, where, tol=1e-5):
