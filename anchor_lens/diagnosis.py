@@ -191,6 +191,7 @@ def run_diagnosis(
     """[`diagnose`][anchor_lens.diagnosis.diagnose] on one seeded 1-shot
     [`sample_episode`][anchor_lens.episodes.sample_episode] (fresh demonstrations per query;
     each class's key is averaged over the episodes)."""
+    task = get_task(task)
     pools = pools if pools is not None else load_pools(task, data, demo_data)
     episode = draw_episode(task, pools, shots=1, n=n, seed=seed, mode=mode)
     result = diagnose(model, task, episode.queries, episode.demonstrations, **kwargs)

@@ -69,14 +69,13 @@ class Pools:
 
 
 def split_pool(
-    examples: Sequence[Example], task: str | Task, fraction: float = 0.25, seed: int = 0
+    examples: Sequence[Example], task: Task, fraction: float = 0.25, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
     """``(queries, demos)``: a seeded, class-stratified split of one labelled set.
 
     ``ceil(fraction · n_c)`` examples of each class ``c`` go to the demonstration pool (at
     least one whenever the class has two or more), the rest stay queries, in their order.
     """
-    task = get_task(task)
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be between 0 and 1, got {fraction}.")
     rng = random.Random(seed)
@@ -101,7 +100,7 @@ def _describe(source: str | Path | None, task: Task) -> str:
 
 
 def load_pools(
-    task: str | Task,
+    task: Task,
     data: str | Path | None = None,
     demo_data: str | Path | None = None,
     *,
@@ -120,7 +119,6 @@ def load_pools(
        ([`split_pool`][anchor_lens.episodes.split_pool]), removed from the queries, with
        ``split_from_queries=True``.
     """
-    task = get_task(task)
     queries = load_examples(task, data)
     if demo_data is not None:
         demos = load_examples(task, demo_data, split=task.demo_split)
@@ -206,7 +204,7 @@ def _per_query_demos(
 
 
 def draw_episode(
-    task: str | Task,
+    task: Task,
     pools: Pools,
     *,
     shots: int = 1,
@@ -221,7 +219,6 @@ def draw_episode(
     Either way the draw depends only on ``seed`` (not on batch size), and no query is ever its
     own demonstration.
     """
-    task = get_task(task)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
     if n is not None and n < 1:
@@ -256,6 +253,8 @@ def sample_episode(
     mode: EpisodeMode = "per_query",
 ) -> Episode:
     """The paper's sampling protocol for one seed: [`load_pools`][anchor_lens.episodes.load_pools]
-    then [`draw_episode`][anchor_lens.episodes.draw_episode]."""
+    then [`draw_episode`][anchor_lens.episodes.draw_episode]. ``task`` is a name or a
+    [`Task`][anchor_lens.tasks.Task]: it is resolved here, once."""
+    task = get_task(task)
     pools = load_pools(task, data, demo_data)
     return draw_episode(task, pools, shots=shots, n=n, seed=seed, mode=mode)

@@ -120,14 +120,13 @@ def _first_token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
     return i
 
 
-def label_tokens(tokenizer: Any, task: str | Task) -> LabelTokens:
+def label_tokens(tokenizer: Any, task: Task) -> LabelTokens:
     """Token ids of each label word as it follows the template's label prefix.
 
     Each word is tokenised inside the literal text that precedes it in the template (e.g.
     ``"\\nSentiment: Positive"``), so the tokenizer's leading-space convention (``ĠPositive``,
     ``▁Positive``) is the one the prompt itself uses.
     """
-    task = get_task(task)
     tokenizer = _tokenizer_of(tokenizer)
     prefix = task.label_prefix.split("{text}")[-1]
     first, words = [], []

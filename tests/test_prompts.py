@@ -79,9 +79,9 @@ def test_positions_match_hand_checked_prompts(smol_tokenizer, task_name, padding
 
 @pytest.mark.slow
 def test_label_token_ids_use_the_leading_space(smol_tokenizer):
-    lt = al.label_tokens(smol_tokenizer, "sst2")
+    lt = al.label_tokens(smol_tokenizer, al.get_task("sst2"))
     assert smol_tokenizer.convert_ids_to_tokens(list(lt.first)) == ["ĠNegative", "ĠPositive"]
-    trec = al.label_tokens(smol_tokenizer, "trec")
+    trec = al.label_tokens(smol_tokenizer, al.get_task("trec"))
     assert smol_tokenizer.convert_ids_to_tokens(list(trec.words[0])) == ["ĠAb", "brev", "iation"]
 
 
