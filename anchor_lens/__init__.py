@@ -3,7 +3,7 @@
 Built around *Label Words are Anchors* (Wang et al., EMNLP 2023).
 """
 
-from . import analysis, episodes, hooks, metrics, report
+from . import analysis, dualform, episodes, hooks, metrics, momentum, report
 from .episodes import Episode, Pools, draw_episode, load_pools, sample_episode
 from .hf_hooked import HFHookedModel
 from .icl import (
@@ -59,6 +59,7 @@ __all__ = [
     "check_attention_hooks",
     "check_model_source",
     "draw_episode",
+    "dualform",
     "episodes",
     "evaluate",
     "get_task",
@@ -69,6 +70,7 @@ __all__ = [
     "load_model",
     "load_pools",
     "metrics",
+    "momentum",
     "predict",
     "report",
     "run_icl",

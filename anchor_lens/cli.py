@@ -53,6 +53,14 @@ _SPECS = {
         "LM-Infinite (Λ attention + distance limit) and windowed attention; writes "
         "long_context.json, nll.png and passkey.png.",
     ),
+    "dual-form": (
+        "ICL as implicit fine-tuning: ZSL vs ICL vs K/V fine-tuning (Dai et al.)",
+        "Fine-tune only the attention K/V projections on the demonstrations (SGD, one step "
+        "per demonstration) for every lr of a grid and compare ZSL, ICL and FT: Rec2FTP, "
+        "SimAOU, SimAM and Kendall per layer, with baselines; optionally momentum attention. "
+        "Writes dual_form.json, fig_dual_form.png, fig_lr_sweep.png and report.md. One "
+        "demonstration set per seed; resumable per seed.",
+    ),
 }
 
 
@@ -80,6 +88,7 @@ def _commands() -> dict:
         "compress": (ex.CompressConfig, ex.Compress),
         "diagnose": (ex.DiagnoseConfig, ex.Diagnose),
         "long-context": (ex.LongContextConfig, ex.LongContext),
+        "dual-form": (ex.DualFormConfig, ex.DualForm),
     }
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "CompressConfig",
     "Diagnose",
     "DiagnoseConfig",
+    "DualForm",
+    "DualFormConfig",
     "Evaluate",
     "EvaluateConfig",
     "LongContext",
@@ -615,3 +617,182 @@ class LongContext(UnitExperiment):
         if passkey:
             print(f"passkey accuracy at {passkey.lengths}: {passkey.accuracy}")
         return payload
+
+
+# ------------------------------------------------------------- ICL as implicit fine-tuning
+# Dai et al. (Findings of ACL 2023): FT trains K/V on one demonstration set, so the unit is a
+# seed (that set, its queries, its validation split and the whole lr sweep).
+DUAL_FORM_LRS = [1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
+
+
+@dataclass
+class DualFormConfig(RunConfig):
+    demo_mode: str = field(default="fixed")  # FT trains on one demonstration set
+    shots: int = option(4, help="demonstrations per class: ICL's context and FT's training set",
+                        positive=True)  # fmt: skip
+    lrs: list[float] = option(
+        DUAL_FORM_LRS, help="SGD learning rates for K/V fine-tuning (every one is reported)",
+        type=float,
+    )  # fmt: skip
+    validation_per_class: int = option(
+        8,
+        help="validation examples per class choosing the lr (from the demonstration pool, "
+        "never a query or a demonstration)",
+        positive=True,
+    )
+    record_at: str = option(
+        "last",
+        help="recorded token: the last token (the paper) or an appended first label token "
+        "(the official code)",
+        choices=["last", "label_token"],
+    )
+    kendall_query: str = option(
+        "pre_rotary",
+        help="query vectors of Kendall's dual-form q·q: hook_q (pre_rotary) or hook_rot_q",
+        choices=["pre_rotary", "post_rotary"],
+    )
+    simam_scores: str = option(
+        "post_rotary",
+        help="SimAM scores: the model's hook_attn_scores (post_rotary) or q·k/√d from hook_q "
+        "and hook_k (pre_rotary)",
+        choices=["pre_rotary", "post_rotary"],
+    )
+    kendall_n: int = option(100, help="queries in Kendall (the paper: 100)", positive=True)
+    momentum_eta: list[float] = option(
+        [],
+        help="also measure ICL accuracy with momentum attention at these η (all, shallow and "
+        "deep layers; an inference-time extension, the paper trains it)",
+        type=float,
+        nargs="*",
+    )
+
+
+class DualForm(UnitExperiment):
+    """ZSL vs ICL vs K/V fine-tuning (Dai et al. §5), one unit per seed; momentum attention."""
+
+    name = "dual-form"
+    config_cls = DualFormConfig
+    unit_name = "seed"
+    units = staticmethod(_seed_units)
+
+    def run_unit(self, ctx, unit):
+        from .dualform import compare_settings
+        from .episodes import draw_episode
+        from .momentum import momentum_accuracy
+        from .tasks import sample_demonstrations
+
+        config: DualFormConfig = ctx.config
+        seed = unit["seed"]
+        episode = draw_episode(
+            ctx.task, ctx.pools, shots=config.shots, n=config.n, seed=seed, mode="fixed"
+        )
+        demos = episode.demonstrations
+        validation = sample_demonstrations(
+            ctx.pools.demos,
+            ctx.task,
+            config.validation_per_class,
+            seed=seed + 1,
+            exclude=[*episode.queries, *demos],
+        )
+        result = compare_settings(
+            ctx.model,
+            ctx.task,
+            demos,
+            episode.queries,
+            validation,
+            config.lrs,
+            record_at=config.record_at,
+            kendall_query=config.kendall_query,
+            simam_scores=config.simam_scores,
+            kendall_n=config.kendall_n,
+            batch_size=config.batch_size,
+            seed=seed,
+        )
+        record = result.to_json() | {
+            "demonstrations": [{"text": d.text, "label": d.label} for d in demos]
+        }
+        if config.momentum_eta:
+            record["momentum"] = momentum_accuracy(
+                ctx.model,
+                ctx.task,
+                demos,
+                episode.queries,
+                config.momentum_eta,
+                batch_size=config.batch_size,
+            )
+        return record
+
+    def finish(self, ctx, records):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from .dualform import (
+            dual_form_findings,
+            dual_form_markdown,
+            plot_dual_form,
+            plot_lr_sweep,
+            summarise_seeds,
+        )
+
+        config: DualFormConfig = ctx.config
+        summary = summarise_seeds(records)
+        momentum = _momentum_table(records)
+        summary |= {
+            "momentum": momentum,
+            "settings": records[0]["settings"] | {"shots": config.shots},
+            **provenance(ctx),
+            "seeds": records,
+        }
+        path = write_json(config.out, "dual_form.json", summary)
+        title = f"{ctx.task.name} · {config.model}"
+        plot_dual_form(summary, title=title).savefig(config.out / "fig_dual_form.png", dpi=150)
+        plot_lr_sweep(summary, title=title).savefig(config.out / "fig_lr_sweep.png", dpi=150)
+        extra = (
+            f"Protocol: seeds {', '.join(str(r['seed']) for r in records)}; "
+            f"{config.shots} demonstration(s) per class, one set per seed shared by ICL and FT "
+            f"(in the same order), from {ctx.pools.demo_source}; lr chosen on "
+            f"{records[0]['n_validation']} validation examples from the demonstration pool "
+            f"(ties: the smaller lr); recorded token: {config.record_at}; Kendall on the first "
+            f"{records[0]['n_kendall']} queries, q·q from {config.kendall_query} query vectors; "
+            f"SimAM from {config.simam_scores} scores."
+        )
+        if momentum:
+            rows = "\n".join(
+                f"| {m['eta']:g} | {m['layers']} | {m['accuracy']:.3f} |" for m in momentum
+            )
+            extra += (
+                "\n\nMomentum attention added at inference time (not trained, unlike the "
+                "paper), ICL accuracy (seed mean):\n\n| η | layers | accuracy |\n|---|---|---|\n"
+                + rows
+            )
+        (config.out / "report.md").write_text(
+            dual_form_markdown(summary, model=str(config.model), task=ctx.task.name, extra=extra)
+        )
+        findings = dual_form_findings(summary)
+        held = sum(f.holds is True for f in findings)
+        checked = sum(f.holds is not None for f in findings)
+        sel = summary["selected"]
+        print(
+            f"{ctx.task.name}: {held}/{checked} checkable claims of Dai et al. hold "
+            f"(n={summary['n']}, {len(records)} seed(s)); SimAOU {_fmt(sel['simaou']['mean'])}, "
+            f"SimAM {_fmt(sel['simam_after']['mean'])} vs "
+            f"{_fmt(summary['baselines']['simam_before']['mean'])}, Kendall "
+            f"{_fmt(sel['kendall_token']['mean'])}, Rec2FTP {_fmt(sel['rec2ftp']['value'])} "
+            f"-> {path}"
+        )
+        return summary
+
+
+def _momentum_table(records: list[dict]) -> list[dict]:
+    """Seed-mean ICL accuracy per (η, layers) row of the units' momentum measurements."""
+    if "momentum" not in records[0]:
+        return []
+    rows = records[0]["momentum"]
+    return [
+        {
+            "eta": row["eta"],
+            "layers": row["layers"],
+            "accuracy": statistics.fmean(r["momentum"][i]["accuracy"] for r in records),
+        }
+        for i, row in enumerate(rows)
+    ]
