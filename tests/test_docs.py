@@ -66,6 +66,7 @@ PAGES = [
     "docs/tutorial-compression.md",
     "docs/tutorial-diagnosis.md",
     "docs/tutorial-lm-infinite.md",
+    "docs/tutorial-dual-form.md",
     "docs/running.md",
 ]
 #: Pages with ```python blocks that are not run yet, and why.

@@ -319,3 +319,24 @@ def test_cli_dual_form(tiny_llama_folder, tmp_path):
     assert "SimAM" in report and "| 0.5 |" in report and "inference time" in report
     assert (tmp_path / "fig_dual_form.png").is_file() and (tmp_path / "fig_lr_sweep.png").is_file()
     assert main(args) == 0  # resumed: every seed is in the journal
+
+
+def test_findings_need_a_clear_margin_and_say_undefined():
+    layer = lambda v: {"per_layer": [v], "mean": v}  # noqa: E731
+    entry = {
+        "lr": 0.1, "simaou": layer(0.04), "simam_after": layer(0.5),
+        "kendall_token": layer(0.2), "kendall_example": layer(0.1),
+        "rec2ftp": {"value": None, "n_both": 0, "n_ft": 0, "n_icl": 3, "n_zsl_wrong": 5,
+                    "chance": 0.6},
+    }  # fmt: skip
+    summary = {
+        "selected": entry,
+        "grid": [entry],
+        "baselines": {
+            "simaou_gaussian": layer(0.0), "simaou_uniform": layer(0.02),
+            "simam_before": layer(0.4), "kendall_random_token": layer(0.0),
+            "kendall_random_example": layer(0.0),
+        },
+    }  # fmt: skip
+    verdicts = [f.holds for f in df.dual_form_findings(summary)]
+    assert verdicts == [False, True, True, None]  # SimAOU 0.04: inside the 0.05 margin
