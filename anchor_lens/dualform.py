@@ -378,7 +378,8 @@ def capture_setting(
     """Run ``batch`` once and keep, per layer, what the dual-form metrics read (float32, CPU).
 
     ``query_vector`` picks the query read for Kendall's dual-form attention; ``scores_from``
-    the scores for SimAM (``"post_rotary"``: the model's own ``hook_attn_scores``).
+    the score rows read by SimAM and by Kendall's ICL side (``"post_rotary"``: the model's own
+    ``hook_attn_scores``).
     """
     n_layers = model.cfg.n_layers
     rows = torch.arange(len(batch), device=recorded.device)

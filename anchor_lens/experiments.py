@@ -653,8 +653,8 @@ class DualFormConfig(RunConfig):
     )
     simam_scores: str = option(
         "post_rotary",
-        help="SimAM scores: the model's hook_attn_scores (post_rotary) or q·k/√d from hook_q "
-        "and hook_k (pre_rotary)",
+        help="scores read by SimAM and Kendall's ICL side: the model's hook_attn_scores "
+        "(post_rotary) or q·k/√d from hook_q and hook_k (pre_rotary)",
         choices=["pre_rotary", "post_rotary"],
     )
     kendall_n: int = option(100, help="queries in Kendall (the paper: 100)", positive=True)

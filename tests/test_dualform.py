@@ -340,3 +340,16 @@ def test_findings_need_a_clear_margin_and_say_undefined():
     }  # fmt: skip
     verdicts = [f.holds for f in df.dual_form_findings(summary)]
     assert verdicts == [False, True, True, None]  # SimAOU 0.04: inside the 0.05 margin
+
+
+def test_tiny_gemma3_one_kv_head_and_sliding_layers(tiny_tokenizer):
+    from .conftest import tiny_gemma3
+
+    model = tiny_gemma3(tiny_tokenizer)
+    params = df.kv_parameters(model)
+    assert len(params) == 2 * model.cfg.n_layers  # k_proj, v_proj (no bias); q/k norms kept
+    assert all(p.param.shape[0] == model.cfg.d_head for p in params)  # one kv head
+    before = _state(model)
+    result = df.compare_settings(model, "sst2", DEMOS, QUERIES, VALIDATION, [0.5], kendall_n=4)
+    assert result.selected["simaou"]["mean"] is not None
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
