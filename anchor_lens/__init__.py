@@ -3,7 +3,7 @@
 Built around *Label Words are Anchors* (Wang et al., EMNLP 2023).
 """
 
-from . import analysis, dualform, episodes, hooks, metrics, momentum, report
+from . import analysis, dualform, episodes, hooks, metrics, momentum, plateau, report
 from .episodes import Episode, Pools, draw_episode, load_pools, sample_episode
 from .hf_hooked import HFHookedModel
 from .icl import (
@@ -71,6 +71,7 @@ __all__ = [
     "load_pools",
     "metrics",
     "momentum",
+    "plateau",
     "predict",
     "report",
     "run_icl",

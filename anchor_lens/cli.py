@@ -53,6 +53,15 @@ _SPECS = {
         "LM-Infinite (Λ attention + distance limit) and windowed attention; writes "
         "long_context.json, nll.png and passkey.png.",
     ),
+    "plateau": (
+        "learning plateaus of ICL: train small transformers, break the plateau (Fu et al.)",
+        "Train small hooked transformers on the synthetic factor task (or the linear task) "
+        "with each strategy (baseline, warm-up on D_fix, mixed difficulty, auxiliary loss on "
+        "the weights component) and several seeds; probe the weights and context components; "
+        "writes curves.json, plateau.json, accuracy.png, weights_probe.png, "
+        "context_probe.png, plateau_length.png and report.md. Resumable; shards runs across "
+        "torchrun processes.",
+    ),
     "dual-form": (
         "ICL as implicit fine-tuning: ZSL vs ICL vs K/V fine-tuning (Dai et al.)",
         "Fine-tune only the attention K/V projections on the demonstrations (SGD, one step "
@@ -80,6 +89,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 def _commands() -> dict:
     """Command name -> (config class, what runs it)."""
     from . import experiments as ex
+    from .plateau.experiment import Plateau, PlateauConfig
 
     return {
         "evaluate": (ex.EvaluateConfig, ex.Evaluate),
@@ -88,6 +98,7 @@ def _commands() -> dict:
         "compress": (ex.CompressConfig, ex.Compress),
         "diagnose": (ex.DiagnoseConfig, ex.Diagnose),
         "long-context": (ex.LongContextConfig, ex.LongContext),
+        "plateau": (PlateauConfig, Plateau),
         "dual-form": (ex.DualFormConfig, ex.DualForm),
     }
 
