@@ -67,6 +67,7 @@ PAGES = [
     "docs/tutorial-diagnosis.md",
     "docs/tutorial-lm-infinite.md",
     "docs/tutorial-dual-form.md",
+    "docs/tutorial-plateau.md",
     "docs/running.md",
 ]
 #: Pages with ```python blocks that are not run yet, and why.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from anchor_lens.cli import main
 from anchor_lens.plateau.curves import PlateauLength
@@ -17,13 +16,6 @@ TINY = [
     "--heads", "2", "--batch-size", "16", "--seed", "0", "1", "--quiet",
     "--strategy", "baseline", "aux",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)  # the command sets --threads (1) for the process
 
 
 def test_plateau_command_writes_everything_and_resumes(tmp_path, capsys):

@@ -27,7 +27,13 @@ from .model import PlateauModelConfig
 from .tasks import FactorTask, LinearTask
 from .train import STRATEGIES, TrainConfig, train
 
-__all__ = ["Plateau", "PlateauConfig", "plateau_findings"]
+__all__ = [
+    "Plateau",
+    "PlateauConfig",
+    "plateau_findings",
+    "report_markdown",
+    "summarize_strategies",
+]
 
 
 @dataclass
@@ -103,6 +109,7 @@ class PlateauConfig(OutputConfig):
             probe_layer=self.probe_layer,
             seed=seed,
             device=self.device,
+            threads=self.threads,
         )
 
 
@@ -115,9 +122,6 @@ class Plateau(UnitExperiment):
 
     def context(self, config: PlateauConfig, dist) -> Context:
         # Everything is checked here, before the first run: a bad option costs no training.
-        import torch
-
-        torch.set_num_threads(config.threads)
         config.build_task()
         config.model_config()
         for strategy in config.strategies():

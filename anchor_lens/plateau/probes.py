@@ -31,7 +31,8 @@ pairs) rather than averaged over positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,29 @@ from .tasks import FactorBatch, FactorTask
 
 __all__ = [
     "ProbeResult",
+    "cpu_threads",
     "attention_off_hooks",
     "context_component_probe",
     "fit_probe",
     "item_representations",
     "weights_component_probe",
 ]
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, then restore the setting (``None``: as is).
+
+    The plateau models are so small that extra threads only add synchronisation; on a busy
+    machine, oversubscribed threads made a probe fit or a training step tens of times slower.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def attention_off_hooks(layers: Sequence[int], replace: str = "input") -> list[HookPair]:
@@ -148,13 +166,15 @@ def fit_probe(
     lr: float = 0.01,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    threads: int | None = 1,
 ) -> ProbeResult:
     """Train one linear map ``d → target × n_classes`` (a softmax per target) and score it.
 
     Loss: mean over targets of the cross-entropy; features are standardised with the training
     mean and deviation (a linear probe's accuracy does not change, its optimisation does).
+    Runs on ``threads`` CPU threads (`cpu_threads`).
     """
-    with torch.enable_grad():
+    with cpu_threads(threads), torch.enable_grad():
         g = torch.Generator().manual_seed(seed)
         mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
         xs, xt = (train_x - mean) / std, (test_x - mean) / std

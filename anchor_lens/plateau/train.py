@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .curves import PlateauLength, late_accuracy, plateau_length
 from .model import PlateauModelConfig, PlateauTransformer, encode_pairs
-from .probes import context_component_probe, weights_component_probe
+from .probes import context_component_probe, cpu_threads, weights_component_probe
 from .tasks import FactorBatch, FactorTask, LinearBatch, LinearTask
 
 __all__ = [
@@ -72,6 +72,10 @@ class TrainConfig:
     probe_layer: int = -1
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = 1  # CPU threads while training (None: torch's setting)
+
+    #: Fields that change how a run goes, not what it computes (a checkpoint resumes across them).
+    RUN_ONLY = ("device", "threads")
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -90,6 +94,9 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.to_json().items() if k not in self.RUN_ONLY}
 
 
 @dataclass
@@ -237,8 +244,31 @@ def train(
 
     ``checkpoint`` (a file) is written every ``checkpoint_every`` steps and at the end with
     the model, optimizer, data-generator state and curves; if it exists, training resumes
-    from it and gives the same result as an uninterrupted run.
+    from it and gives the same result as an uninterrupted run. Runs on ``cfg.threads`` CPU
+    threads (restored afterwards).
     """
+    with cpu_threads(cfg.threads):
+        return _train(
+            task,
+            cfg,
+            model_cfg,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            desc=desc,
+        )
+
+
+def _train(
+    task: Task,
+    cfg: TrainConfig,
+    model_cfg: PlateauModelConfig | None = None,
+    *,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = True,
+    desc: str | None = None,
+) -> tuple[TrainResult, PlateauTransformer]:
     model = build_model(task, model_cfg, seed=cfg.seed).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -248,7 +278,7 @@ def train(
     running: list[float]
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
-        if state["config"] != cfg.to_json():
+        if state["config"] != cfg.identity():
             raise ValueError(
                 f"{checkpoint} was written by a run with another config: delete it to start "
                 "over, or resume with the same options."
@@ -283,7 +313,7 @@ def train(
             return
         result.wall_s = time.perf_counter() - started
         state = {
-            "config": cfg.to_json(),
+            "config": cfg.identity(),
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "generator": g.get_state(),
