@@ -233,15 +233,14 @@ def context_component_probe(
 ) -> ProbeResult:
     """Attention on; a linear probe at the last item position predicts the sequence's factor.
 
-    Chance is ``1/F``. Trained on sequences of training items, scored on sequences of
-    held-out items (distinct items when the split has enough, else drawn with replacement).
+    Chance is ``1/F``. Trained on sequences of training items and scored on other sequences:
+    of held-out items when there are ``N`` of them, else fresh sequences of training items
+    (``FactorTask.sequence_test_split``), the same held-out set as the ICL accuracy.
     """
     g = torch.Generator().manual_seed(seed)
     parts = []
-    for split in ("train", "test"):
-        pool = task.train_items if split == "train" else task.test_items
-        distinct = len(pool) >= task.n_pairs
-        batch = task.sample(n_sequences, g, split=split, distinct=distinct, device=device)
+    for split in ("train", task.sequence_test_split):
+        batch = task.sample(n_sequences, g, split=split, device=device)
         h = item_representations(model, batch, layer, attention=True)[:, -1]
         parts += [h, batch.factor[:, None]]
     return fit_probe(*parts, task.n_factors, seed=seed)

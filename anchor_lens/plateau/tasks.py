@@ -153,6 +153,16 @@ class FactorTask:
     def chance(self) -> float:
         return 1.0 / self.n_values
 
+    @property
+    def sequence_test_split(self) -> str:
+        """Where held-out *sequences* come from: the held-out items when there are ``N``.
+
+        Otherwise ``"train"``: fresh sequences (new maps, factors and item combinations) of
+        training items. Held-out items drawn with replacement would repeat items within a
+        sequence, a distribution the model never trained on.
+        """
+        return "test" if len(self.test_items) >= self.n_pairs else "train"
+
     def with_maps(self, n_maps: int) -> FactorTask:
         """The same world (items, split, first maps) with ``n_maps`` maps; ``1`` is ``D_fix``."""
         return FactorTask(

@@ -213,15 +213,8 @@ def evaluate_icl(model: PlateauTransformer, batch: Batch) -> list[float]:
 
 
 def eval_split(task: Task) -> str:
-    """Where the held-out ICL set comes from: the held-out items when there are ``N`` of them.
-
-    Otherwise fresh sequences of the training items (new maps and item combinations, never a
-    training batch): drawing held-out items with replacement would repeat items within a
-    sequence, a distribution the model never trained on.
-    """
-    if isinstance(task, FactorTask) and len(task.test_items) < task.n_pairs:
-        return "train"
-    return "test"
+    """Where the held-out ICL set comes from (``FactorTask.sequence_test_split``)."""
+    return task.sequence_test_split if isinstance(task, FactorTask) else "test"
 
 
 def _eval_batch(task: Task, cfg: TrainConfig) -> Batch:
