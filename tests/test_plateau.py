@@ -214,6 +214,8 @@ def test_each_strategy_changes_what_it_should(task):
     assert with_aux.item() == pytest.approx(plain.item() + 0.1 * parts["aux"], rel=1e-5)
     with pytest.raises(ValueError, match="choose one of"):
         TrainConfig(strategy="curriculum")
+    with pytest.raises(ValueError, match="multiple"):
+        TrainConfig(eval_every=100, probe_every=250)
 
 
 def test_every_strategy_starts_from_the_same_weights(task):

@@ -67,7 +67,9 @@ class PlateauConfig(OutputConfig):
     aux_weight: float = option(0.1, help="aux: weight of the weights-component loss (paper: 0.1)")
     eval_every: int = option(100, help="steps between held-out evaluations", positive=True)
     eval_sequences: int = option(512, help="held-out sequences per evaluation", positive=True)
-    probe_every: int = option(250, help="steps between probe fits (0: never)")
+    probe_every: int = option(
+        500, help="steps between probe fits, a multiple of --eval-every (0: never)"
+    )
     probe_layer: int = option(-1, help="block whose output the probes read (-1: the last)")
     seed: list[int] = option([0, 1, 2, 3, 4], help="run seeds (model initialisation, data stream)")
     device: str = option("cpu", help="torch device, e.g. cpu or cuda")

@@ -82,6 +82,11 @@ class TrainConfig:
             raise ValueError(
                 f"Unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}."
             )
+        if self.probe_every % self.eval_every:
+            raise ValueError(
+                f"probe_every={self.probe_every} is not a multiple of eval_every="
+                f"{self.eval_every}: probes run at evaluation steps; choose a multiple (or 0)."
+            )
         if not 0 <= self.mix_fraction < 1:
             raise ValueError(
                 f"mix_fraction is a share of the batch in [0, 1), got {self.mix_fraction}"
