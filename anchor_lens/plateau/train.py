@@ -246,110 +246,89 @@ def train(
     threads (restored afterwards).
     """
     with cpu_threads(cfg.threads):
-        return _train(
-            task,
-            cfg,
-            model_cfg,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-            desc=desc,
-        )
+        model = build_model(task, model_cfg, seed=cfg.seed).to(cfg.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        g = torch.Generator().manual_seed(cfg.seed)
+        easy = task.with_maps(1)
+        aux_weight = cfg.aux_weight if cfg.strategy == "aux" else 0.0
+        result, start = TrainResult(), 0
+        running: list[float]
+        if checkpoint is not None and Path(checkpoint).exists():
+            state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
+            if state["config"] != cfg.identity():
+                raise ValueError(
+                    f"{checkpoint} was written by a run with another config: delete it to start "
+                    "over, or resume with the same options."
+                )
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            g.set_state(state["generator"])
+            result, start, running = TrainResult(**state["result"]), state["step"], state["running"]
+        else:
+            running = []  # training losses since the last evaluation
+        eval_batch = _eval_batch(task, cfg)
+        started = time.perf_counter() - result.wall_s
 
+        def log(step: int) -> None:
+            model.eval()
+            acc = evaluate_icl(model, eval_batch)
+            result.steps.append(step)
+            result.loss.append(sum(running) / len(running) if running else None)
+            result.accuracy.append(acc)
+            result.late.append(late_accuracy(acc))
+            probe = isinstance(task, FactorTask) and cfg.probe_every and step % cfg.probe_every == 0
+            if probe:
+                wp = weights_component_probe(model, task, cfg.probe_layer, device=cfg.device)
+                cp = context_component_probe(model, task, cfg.probe_layer, device=cfg.device)
+            result.weights_probe.append(wp.accuracy if probe else None)
+            result.context_probe.append(cp.accuracy if probe else None)
+            running.clear()
+            model.train()
 
-def _train(
-    task: Task,
-    cfg: TrainConfig,
-    model_cfg: PlateauModelConfig | None = None,
-    *,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 500,
-    progress: bool = True,
-    desc: str | None = None,
-) -> tuple[TrainResult, PlateauTransformer]:
-    model = build_model(task, model_cfg, seed=cfg.seed).to(cfg.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    easy = task.with_maps(1)
-    aux_weight = cfg.aux_weight if cfg.strategy == "aux" else 0.0
-    result, start = TrainResult(), 0
-    running: list[float]
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
-        if state["config"] != cfg.identity():
-            raise ValueError(
-                f"{checkpoint} was written by a run with another config: delete it to start "
-                "over, or resume with the same options."
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        result, start, running = TrainResult(**state["result"]), state["step"], state["running"]
-    else:
-        running = []  # training losses since the last evaluation
-    eval_batch = _eval_batch(task, cfg)
-    started = time.perf_counter() - result.wall_s
+        def save(step: int) -> None:
+            if checkpoint is None:
+                return
+            result.wall_s = time.perf_counter() - started
+            state = {
+                "config": cfg.identity(),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": g.get_state(),
+                "result": {k: v for k, v in result.__dict__.items() if k != "plateau"},
+                "step": step,
+                "running": list(running),
+            }
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(checkpoint).with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(checkpoint)  # atomic: a kill never leaves half a checkpoint
 
-    def log(step: int) -> None:
-        model.eval()
-        acc = evaluate_icl(model, eval_batch)
-        result.steps.append(step)
-        result.loss.append(sum(running) / len(running) if running else None)
-        result.accuracy.append(acc)
-        result.late.append(late_accuracy(acc))
-        probe = isinstance(task, FactorTask) and cfg.probe_every and step % cfg.probe_every == 0
-        if probe:
-            wp = weights_component_probe(model, task, cfg.probe_layer, device=cfg.device)
-            cp = context_component_probe(model, task, cfg.probe_layer, device=cfg.device)
-        result.weights_probe.append(wp.accuracy if probe else None)
-        result.context_probe.append(cp.accuracy if probe else None)
-        running.clear()
+        if start == 0:
+            log(0)
         model.train()
-
-    def save(step: int) -> None:
-        if checkpoint is None:
-            return
+        bar = tqdm(
+            range(start, cfg.steps),
+            initial=start,
+            total=cfg.steps,
+            desc=desc or cfg.strategy,
+            disable=not progress,
+            leave=False,
+        )
+        for step in bar:
+            batch = strategy_batch(task, easy, cfg, step, g)
+            loss, _ = training_loss(model, batch, aux_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running.append(float(loss.detach()))
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                log(done)
+                bar.set_postfix(loss=f"{result.loss[-1]:.3f}", late=f"{result.late[-1]:.3f}")
+            if done % checkpoint_every == 0 or done == cfg.steps:
+                save(done)
+        bar.close()
+        model.eval()
         result.wall_s = time.perf_counter() - started
-        state = {
-            "config": cfg.identity(),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "generator": g.get_state(),
-            "result": {k: v for k, v in result.__dict__.items() if k != "plateau"},
-            "step": step,
-            "running": list(running),
-        }
-        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(checkpoint).with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(checkpoint)  # atomic: a kill never leaves half a checkpoint
-
-    if start == 0:
-        log(0)
-    model.train()
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        desc=desc or cfg.strategy,
-        disable=not progress,
-        leave=False,
-    )
-    for step in bar:
-        batch = strategy_batch(task, easy, cfg, step, g)
-        loss, _ = training_loss(model, batch, aux_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running.append(float(loss.detach()))
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            log(done)
-            bar.set_postfix(loss=f"{result.loss[-1]:.3f}", late=f"{result.late[-1]:.3f}")
-        if done % checkpoint_every == 0 or done == cfg.steps:
-            save(done)
-    bar.close()
-    model.eval()
-    result.wall_s = time.perf_counter() - started
-    result.plateau = plateau_length(result.steps, result.late, task.chance)
-    return result, model
+        result.plateau = plateau_length(result.steps, result.late, task.chance)
+        return result, model
