@@ -17,10 +17,13 @@ blocks.{l}.hook_resid_post
 ln_final.hook_normalized
 ```
 
-Why hand-written rather than a bridge around a tiny Hugging Face GPT-2: the plateau runs are
-thousands of optimizer steps on short sequences, where per-call overhead dominates. One fused
-QKV projection and no bridge indirection make a step several times cheaper on CPU (measured
-in ``benchmarks/plateau_speed.py``), and the model is ~150 lines anyone can read.
+Why hand-written rather than a bridge around a tiny Hugging Face GPT-2: TransformerLens 4 has
+no ``HookedTransformer``, and a bridge needs a token vocabulary and adds its own overhead on
+top of the Hugging Face model, while these runs are thousands of optimizer steps on short
+sequences of *vectors*. The hand-written model reads vectors directly, fires the canonical
+hooks without indirection, and a training step is 1.13× (d_model 32) to 1.23× (d_model 64)
+faster than the official code's plain Hugging Face GPT-2 backbone on one CPU thread
+(``benchmarks/plateau_speed.py``); the model is ~150 lines anyone can read.
 
 Like the official code of Fu et al. (a GPT-2 backbone with linear read-in and read-out), the
 model reads a sequence of *vectors*: item tokens ``[x, 0]`` and label tokens ``[0, e_y]``

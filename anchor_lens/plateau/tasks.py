@@ -23,7 +23,7 @@ images). Each factor value has a random vector ``E_f[v]`` and a random sign patt
 standardised per coordinate. With ``a = 0`` (``entangle``) the factors add up and a linear
 read-out decodes them; with ``a = 1`` each factor's code has its signs flipped by the next
 factor's value (an XOR-like interaction), so a linear probe on ``x`` reads the factors only
-partly (≈0.64 for F = 3, V = 4 against chance 0.25) and the model has to *learn* to read them —
+partly (0.67 for F = 3, V = 4 against chance 0.25) and the model has to *learn* to read them —
 the weights component of the paper has something to learn, as with the VAE codes.
 
 **Linear-function task** (Garg et al. 2022; the paper's second setting): ``w ~ N(0, I_d)`` per
