@@ -15,6 +15,7 @@ while it trains, ``OUT/checkpoints/``), so a killed comparison resumes, and unde
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ class PlateauConfig(OutputConfig):
     )
     probe_layer: int = option(-1, help="block whose output the probes read (-1: the last)")
     seed: list[int] = option([0, 1, 2, 3, 4], help="run seeds (model initialisation, data stream)")
-    device: str = option("cpu", help="torch device, e.g. cpu or cuda")
+    device: str = option(
+        "cpu", help="torch device, e.g. cpu or cuda (under torchrun: cuda:LOCAL_RANK)"
+    )
     threads: int = option(
         1,
         help="torch CPU threads per process; these models are small, so more threads mostly "
@@ -137,9 +140,12 @@ class Plateau(UnitExperiment):
     def run_unit(self, ctx: Context, unit: dict) -> dict:
         cfg: PlateauConfig = ctx.config
         tag = f"{unit['strategy']}_seed{unit['seed']}"
+        train_cfg = cfg.train_config(unit["strategy"], unit["seed"])
+        if train_cfg.device == "cuda" and ctx.dist.world > 1:  # torchrun: one GPU per rank
+            train_cfg = dataclasses.replace(train_cfg, device=f"cuda:{ctx.dist.local_rank}")
         result, _ = train(
             cfg.build_task(),
-            cfg.train_config(unit["strategy"], unit["seed"]),
+            train_cfg,
             cfg.model_config(),
             checkpoint=cfg.out / "checkpoints" / f"{tag}.pt",
             progress=not cfg.quiet,
