@@ -56,6 +56,12 @@ class PlateauConfig(OutputConfig):
     maps: int = option(1000, help="m, label maps (1 = the easy task D_fix)", positive=True)
     pairs: int = option(16, help="N, (item, label) pairs per sequence", positive=True)
     d_item: int = option(32, help="item vector size (factor task; dimension d of x for linear)")
+    entangle: float = option(
+        1.0,
+        help="factor task: 0 = items are sums of value vectors (factors linearly readable), "
+        "1 = each factor's signs flipped by the next factor's value (the model must learn to "
+        "read them)",
+    )
     task_seed: int = option(0, help="seed of the task's world: item embeddings, split, maps")
     layers: int = option(2, help="transformer blocks", positive=True)
     d_model: int = option(32, help="residual width", positive=True)
@@ -93,7 +99,13 @@ class PlateauConfig(OutputConfig):
         if self.task == "linear":
             return LinearTask(d=self.d_item, n_pairs=self.pairs, seed=self.task_seed)
         return FactorTask(
-            self.factors, self.values, self.maps, self.pairs, self.d_item, seed=self.task_seed
+            self.factors,
+            self.values,
+            self.maps,
+            self.pairs,
+            self.d_item,
+            self.entangle,
+            seed=self.task_seed,
         )
 
     def model_config(self) -> PlateauModelConfig:
