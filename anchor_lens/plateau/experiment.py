@@ -341,6 +341,7 @@ def report_markdown(findings: list[Finding], summary: dict, what: str, cfg: Plat
     """``report.md``: the claims table and the per-strategy numbers."""
     held = sum(f.holds is True for f in findings)
     checked = sum(f.holds is not None for f in findings)
+    score = "R²" if cfg.task == "linear" else "accuracy"
     lines = [
         f"# Learning plateaus: {what}",
         "",
@@ -352,7 +353,7 @@ def report_markdown(findings: list[Finding], summary: dict, what: str, cfg: Plat
         "|---|---|---|",
         *[f"| {f.claim} | {f.verdict} | {f.evidence} |" for f in findings],
         "",
-        "| strategy | plateau length (steps) | escaped | final late accuracy | weights probe "
+        f"| strategy | plateau length (steps) | escaped | final late {score} | weights probe "
         "initial / lowest / final | wall (s/run) |",
         "|---|---|---|---|---|---|",
     ]
@@ -372,7 +373,7 @@ def report_markdown(findings: list[Finding], summary: dict, what: str, cfg: Plat
     lines += [
         "",
         "Plateau length (our definition; the paper gives none): the first logged step at which "
-        "the held-out accuracy on the second half of the pairs reaches chance + half of its "
+        f"the held-out {score} on the second half of the pairs reaches chance + half of its "
         "final gain. A run whose final gain stays below a tenth of the possible one is censored "
         "(it never left the plateau); comparisons count it at its total steps. Warm-up steps "
         "count.",
