@@ -19,6 +19,7 @@ Records are plain JSON, so a run can be resumed, sharded and re-aggregated.
 from __future__ import annotations
 
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -637,7 +638,7 @@ class DualFormConfig(RunConfig):
     validation_per_class: int = option(
         8,
         help="validation examples per class choosing the lr (from the demonstration pool, "
-        "never a query or a demonstration)",
+        "never a query or a demonstration; fewer, with a note, when the pool has fewer left)",
         positive=True,
     )
     record_at: str = option(
@@ -687,12 +688,25 @@ class DualForm(UnitExperiment):
             ctx.task, ctx.pools, shots=config.shots, n=config.n, seed=seed, mode="fixed"
         )
         demos = episode.demonstrations
+        used = {e.text for e in [*episode.queries, *demos]}
+        left = [sum(e.label == c and e.text not in used for e in ctx.pools.demos)
+                for c in range(ctx.task.n_classes)]  # fmt: skip
+        per_class = min(config.validation_per_class, *left)
+        if per_class == 0:
+            raise ValueError(
+                f"No validation example left for the lr choice: after the {config.shots} "
+                "demonstrations per class, a class of the demonstration pool is empty. Give a "
+                "larger pool (--demo-data) or fewer --shots."
+            )
+        if per_class < config.validation_per_class and ctx.dist.rank == 0:
+            print(
+                f"anchor-lens: note: the demonstration pool leaves {per_class} validation "
+                f"example(s) per class for the lr choice, not {config.validation_per_class}; "
+                "give a larger pool (--demo-data) for more.",
+                file=sys.stderr,
+            )
         validation = sample_demonstrations(
-            ctx.pools.demos,
-            ctx.task,
-            config.validation_per_class,
-            seed=seed + 1,
-            exclude=[*episode.queries, *demos],
+            ctx.pools.demos, ctx.task, per_class, seed=seed + 1, exclude=[*episode.queries, *demos]
         )
         result = compare_settings(
             ctx.model,

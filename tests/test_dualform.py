@@ -353,3 +353,17 @@ def test_tiny_gemma3_one_kv_head_and_sliding_layers(tiny_tokenizer):
     result = df.compare_settings(model, "sst2", DEMOS, QUERIES, VALIDATION, [0.5], kendall_n=4)
     assert result.selected["simaou"]["mean"] is not None
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_cli_dual_form_shrinks_validation_to_a_small_pool(tiny_llama_folder, tmp_path, capsys):
+    """The embedded set's pool (8 per class) cannot give 4 demonstrations and 8 validation
+    examples per class: the lr is chosen on what is left, and the run says so."""
+    from anchor_lens.cli import main
+
+    args = ["dual-form", "--model", str(tiny_llama_folder), "--n", "4", "--lrs", "0.01"]
+    assert main([*args, "--kendall-n", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "leaves 4 validation example(s) per class" in capsys.readouterr().err
+    assert json.loads((tmp_path / "dual_form.json").read_text())["seeds"][0]["n_validation"] == 8
+    too_many = ["--shots", "8", "--out", str(tmp_path / "empty"), "--quiet"]
+    assert main([*args, *too_many]) == 2
+    assert "--demo-data" in capsys.readouterr().err
