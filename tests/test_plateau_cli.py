@@ -82,3 +82,17 @@ def test_findings_compare_strategies_by_standard_errors():
     assert findings["Mixing"].holds is False
     assert findings["Warming"].holds is False
     assert "censored" not in findings["Warming"].evidence
+
+
+def test_weights_claims_are_undefined_without_a_probe_trajectory():
+    """Probed at step 0 only (--probe-every > --steps): no lowest or final value exists, so the
+    weights-component claims are undefined, not false; never probed (the linear task): absent."""
+    once = [_record(s, i, 500) | {"weights_probe": [0.6, None]} for s in ("baseline", "aux")
+            for i in range(2)]  # fmt: skip
+    findings = {f.claim: f for f in plateau_findings(summarize_strategies(once), eval_every=100)}
+    weights = [f for c, f in findings.items() if "falls below" in c or "strengthens" in c]
+    assert len(weights) == 2 and all(f.holds is None for f in weights)
+    assert all("--probe-every" in f.evidence for f in weights)
+    never = [r | {"weights_probe": [None, None]} for r in once]
+    claims = [f.claim for f in plateau_findings(summarize_strategies(never), eval_every=100)]
+    assert not any("falls below" in c or "strengthens" in c for c in claims)

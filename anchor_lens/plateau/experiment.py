@@ -213,11 +213,14 @@ class Plateau(UnitExperiment):
         (cfg.out / "report.md").write_text(report_markdown(findings, summary, what, cfg))
         for strategy, s in summary.items():
             p = s["plateau"]
-            mean = "censored" if p["mean"] is None else f"{p['mean']:.0f}"
-            sd = "" if p["sd"] is None else f" ± {p['sd']:.0f}"
+            if p["mean"] is None:
+                length = f"not left in {s['total_steps']} steps (censored)"
+            else:
+                sd = "" if p["sd"] is None else f" ± {p['sd']:.0f}"
+                length = f"{p['mean']:.0f}{sd} steps"
             print(
-                f"{strategy:>8}: plateau {mean}{sd} steps ({p['n_escaped']}/{p['n_runs']} "
-                f"escaped), final late accuracy {s['final_late_mean']:.3f}"
+                f"{strategy:>8}: plateau {length} ({p['n_escaped']}/{p['n_runs']} escaped), "
+                f"final late accuracy {s['final_late_mean']:.3f}"
             )
         print(f"-> {cfg.out / 'report.md'}")
         return summary
@@ -237,7 +240,10 @@ def summarize_strategies(records: list[dict]) -> dict[str, dict]:
         lengths = [PlateauLength(**r["plateau"]) for r in runs]
         final, final_sd = _stat([r["late"][-1] for r in runs])
         probe = [[v for v in r["weights_probe"] if v is not None] for r in runs]
-        probe = [p for p in probe if p]
+        points = max(map(len, probe))
+        # A trajectory needs a probe after the first (step 0): with one point there is no
+        # "lowest" or "final" to speak of (probe_every > steps), so they stay undefined.
+        probe = [p for p in probe if len(p) > 1]
         init = _stat([p[0] for p in probe])[0] if probe else None
         low = _stat([min(p) for p in probe])[0] if probe else None
         last = _stat([p[-1] for p in probe])[0] if probe else None
@@ -249,6 +255,7 @@ def summarize_strategies(records: list[dict]) -> dict[str, dict]:
             "total_steps": lengths[0].total_steps,
             "final_late_mean": final,
             "final_late_sd": final_sd,
+            "weights_probe_points": points,
             "weights_probe_initial": init,
             "weights_probe_lowest": low,
             "weights_probe_final": last,
@@ -306,16 +313,22 @@ def plateau_findings(summary: dict[str, dict], *, eval_every: int) -> list[Findi
         )
     )
     init, low = base["weights_probe_initial"], base["weights_probe_lowest"]
+    no_trajectory = (
+        "no weights-probe trajectory: probed at step 0 only (or not at all); use "
+        "--probe-every at most --steps"
+    )
+    falls = "On the hard task the weights component falls below its initial value during training."
     if init is not None and low is not None:
         out.append(
             Finding(
-                "On the hard task the weights component falls below its initial value during "
-                "training.",
+                falls,
                 low < init - 0.01,
                 f"weights-probe accuracy: initial {init:.3f}, lowest {low:.3f}, final "
                 f"{base['weights_probe_final']:.3f} (baseline, mean over seeds)",
             )
         )
+    elif base["weights_probe_points"]:  # probed, but at step 0 only (none: no probe, linear)
+        out.append(Finding(falls, None, no_trajectory))
     claims = {
         "warmup": "Warming up on the easy task D_fix shortens the plateau.",
         "mixed": "Mixing easy (D_fix) sequences into every batch shortens the plateau.",
@@ -325,10 +338,14 @@ def plateau_findings(summary: dict[str, dict], *, eval_every: int) -> list[Findi
         if strategy in summary:
             out.append(Finding(claim, *_shorter(base, summary[strategy])))
     aux = summary.get("aux")
-    if aux and aux["weights_probe_final"] is not None and base["weights_probe_final"] is not None:
+    strengthens = "The auxiliary loss strengthens the weights component."
+    if aux and (aux["weights_probe_final"] is None or base["weights_probe_final"] is None):
+        if aux["weights_probe_points"] or base["weights_probe_points"]:
+            out.append(Finding(strengthens, None, no_trajectory))
+    elif aux:
         out.append(
             Finding(
-                "The auxiliary loss strengthens the weights component.",
+                strengthens,
                 aux["weights_probe_final"] > base["weights_probe_final"],
                 f"final weights-probe accuracy {aux['weights_probe_final']:.3f} (aux) vs "
                 f"{base['weights_probe_final']:.3f} (baseline)",
