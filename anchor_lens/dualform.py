@@ -63,7 +63,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from .icl import target_logits
-from .prompts import ICLBatch, _resolve_bos, build_icl_batch
+from .prompts import ICLBatch, build_icl_batch, resolve_bos
 from .tasks import Example, Task, get_task
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def _query_hook(model, layer: int, variant: QueryVector) -> str:
 def _demo_ids(model, task: Task, demo: Example) -> tuple[list[int], int]:
     """Token ids of the formatted demonstration, with the model's BOS policy; BOS count."""
     ids = model.tokenizer(task.format_demo(demo), add_special_tokens=False)["input_ids"]
-    bos = _resolve_bos(model, None)
+    bos = resolve_bos(model)
     return ([bos] if bos is not None else []) + list(ids), int(bos is not None)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "TokenRole",
     "build_icl_batch",
     "label_tokens",
+    "resolve_bos",
     "tokenizer_adds_bos",
 ]
 
@@ -229,7 +230,13 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
-def _resolve_bos(model_or_tokenizer: Any, prepend_bos: bool | None) -> int | None:
+def resolve_bos(model_or_tokenizer: Any, prepend_bos: bool | None = None) -> int | None:
+    """The BOS token id a prompt starts with, or ``None`` when it starts with none.
+
+    ``prepend_bos=None`` follows the model (TransformerLens' ``cfg.default_prepend_bos``) or,
+    for a bare tokenizer, what the tokenizer itself does; ``True`` needs a tokenizer with a
+    BOS token. [`build_icl_batch`][anchor_lens.prompts.build_icl_batch] uses the same rule.
+    """
     tokenizer = _tokenizer_of(model_or_tokenizer)
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
@@ -313,7 +320,7 @@ def build_icl_batch(
         )
     if check_label_collisions:
         _warn_multi_token(tokenizer, task, lt)
-    bos = _resolve_bos(model_or_tokenizer, prepend_bos)
+    bos = resolve_bos(model_or_tokenizer, prepend_bos)
 
     rows = [
         _tokenise_prompt(tokenizer, task, demos, query, lt, bos)
