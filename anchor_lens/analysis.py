@@ -19,6 +19,7 @@ per query), runs in padded batches, and returns a dataclass with a ``to_json()``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -35,7 +36,13 @@ from .hooks import (
     block_attention_hooks,
     resolve_layers,
 )
-from .icl import iter_batches, target_logits
+from .icl import (
+    BlockInputs,
+    capture_block_inputs,
+    iter_batches,
+    resume_target_logits,
+    target_logits,
+)
 from .prompts import ICLBatch, TokenRole
 from .tasks import Example, Task, get_task
 
@@ -100,12 +107,16 @@ class SaliencyPass:
         predictions: The label-restricted prediction of each example, ``[batch]``.
         class_attention: Class scores per layer ``[layer, batch, n_class]`` from the same
             forward's patterns (§2.3), when ``n_classes`` was given.
+        block_inputs: What the blocks from ``capture_from`` on received, when asked for (and
+            the model's blocks can be run alone): lets edits confined to the last layers start
+            there ([`resume_target_logits`][anchor_lens.icl.resume_target_logits]).
     """
 
     flows: dict[str, Tensor]
     logits: Tensor
     predictions: Tensor
     class_attention: Tensor | None = None
+    block_inputs: BlockInputs | None = None
 
 
 def saliency_pass(
@@ -117,6 +128,7 @@ def saliency_pass(
     exclude_special: bool = True,
     keep_per_head: bool = False,
     n_classes: int | None = None,
+    capture_from: int | None = None,
 ) -> SaliencyPass:
     """Flows, reference logits and (optionally) class attention from one forward + backward.
 
@@ -124,6 +136,8 @@ def saliency_pass(
     scored against) and the target rows of every pattern (§2.3); the saliency forward already
     computes both, so [`Analyze`][anchor_lens.experiments.Analyze] runs no other unedited
     forward. With ``n_classes``, ``layers`` must be every layer for AUCROC_l to mean Fig. 5.
+    With ``capture_from``, the same forward also records the inputs of blocks
+    ``capture_from`` … ``N−1`` (``SaliencyPass.block_inputs``).
     """
     _check_demos(batch, "information_flow")
     if loss_target not in ("gold", "prediction"):
@@ -133,7 +147,10 @@ def saliency_pass(
     capture = SaliencyCapture(tuple(layers))
     rows = PatternCapture(tuple(layers), query_positions=batch.target_positions)
     hooks = capture.hooks + (rows.hooks if n_classes is not None else [])
-    with torch.enable_grad():
+    blocks = (
+        capture_block_inputs(model, capture_from) if capture_from is not None else nullcontext()
+    )
+    with torch.enable_grad(), blocks as block_inputs:
         full = target_logits(model, batch, hooks)
         logits = full[:, batch.label_token_ids]
         target = batch.labels if loss_target == "gold" else logits.argmax(-1)
@@ -160,7 +177,7 @@ def saliency_pass(
             rows.stacked().float(), batch.label_positions, batch.demo_labels, n_classes
         ).cpu()
     predictions = logits.detach().argmax(-1).cpu()
-    return SaliencyPass(out, full.detach().float(), predictions, scores)
+    return SaliencyPass(out, full.detach().float(), predictions, scores, block_inputs)
 
 
 def batch_flows(
@@ -318,18 +335,33 @@ def batch_isolation(
     *,
     top_k: int = 5,
     reference: Tensor | None = None,
+    block_inputs: BlockInputs | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-example ``(label agreement, top-k Jaccard)`` of one batch for each condition.
 
     ``generators[b]`` draws row ``b``'s random positions (one draw per layer), so the random
     baseline of a query does not depend on its batch. ``reference`` is the unedited target
     logits if already computed (e.g. ``SaliencyPass.logits``); else one forward computes them.
+    ``block_inputs`` (from the reference forward, e.g. ``SaliencyPass.block_inputs``) lets a
+    condition confined to layers ``≥ block_inputs.start`` (the last ``k``) run only those
+    layers: the layers before compute nothing different. Used only after the unedited replay
+    from ``start`` reproduces ``reference``; else every condition runs the whole model.
     """
     _check_demos(batch, "isolation")
     out: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
         ref = reference.float() if reference is not None else target_logits(model, batch).float()
         ref_pred = ref[:, batch.label_token_ids].argmax(-1)
+        if block_inputs is not None:
+            replay = resume_target_logits(model, batch, block_inputs).float()
+            if not torch.allclose(replay, ref, rtol=1e-5, atol=1e-5):
+                block_inputs = None  # this model's blocks do not replay exactly: run whole
+
+        def run(hooks, layers):
+            if block_inputs is not None and min(layers) >= block_inputs.start:
+                return resume_target_logits(model, batch, block_inputs, hooks)
+            return target_logits(model, batch, hooks)
+
         for where, layers in spans.items():
             random_rows = {
                 layer: torch.cat(
@@ -338,8 +370,7 @@ def batch_isolation(
                 for layer in layers
             }
             for what, rows in (("label", batch.label_positions), ("random", random_rows.get)):
-                out_logits = target_logits(model, batch, block_attention_hooks(layers, rows))
-                out_logits = out_logits.float()
+                out_logits = run(block_attention_hooks(layers, rows), layers).float()
                 pred = out_logits[:, batch.label_token_ids].argmax(-1)
                 out[f"{what}_{where}"] = (
                     (pred == ref_pred).float().cpu(),

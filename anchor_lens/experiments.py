@@ -205,8 +205,9 @@ class Analyze(Experiment):
         layers = resolve_layers(model, None)
         spans = analysis.isolation_spans(model.cfg.n_layers, cfg.k_layers)
         batch = _batch(ctx, episode, indices)
-        # One forward + backward gives the flows, the unedited logits and the class attention;
-        # the four isolation conditions are the only other passes.
+        # One forward + backward gives the flows, the unedited logits and the class attention,
+        # and keeps what the last k blocks received: the two last-k isolation conditions then
+        # run only those blocks (the first N-k compute nothing different).
         sal = analysis.saliency_pass(
             model,
             batch,
@@ -214,11 +215,18 @@ class Analyze(Experiment):
             loss_target=cfg.loss_target,
             exclude_special=not cfg.include_special,
             n_classes=ctx.task.n_classes,
+            capture_from=spans["last"][0],
         )
         flows, scores, pred = sal.flows, sal.class_attention, sal.predictions.cpu()
         generators = [analysis.example_generator(episode.seed, i) for i in indices]
         iso = analysis.batch_isolation(
-            model, batch, spans, generators, top_k=cfg.top_k, reference=sal.logits
+            model,
+            batch,
+            spans,
+            generators,
+            top_k=cfg.top_k,
+            reference=sal.logits,
+            block_inputs=sal.block_inputs,
         )
         return [
             {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,12 +26,15 @@ from .prompts import ICLBatch, build_icl_batch
 from .tasks import Example, Task, get_task
 
 __all__ = [
+    "BlockInputs",
     "EvalResult",
     "Predictions",
     "evaluate",
     "iter_batches",
     "label_scores",
+    "capture_block_inputs",
     "predict",
+    "resume_target_logits",
     "run_icl",
     "target_logits",
 ]
@@ -81,6 +85,94 @@ def target_logits(model, batch: ICLBatch, fwd_hooks=()) -> Float[Tensor, "batch 
     )
     column = torch.searchsorted(keep, targets)
     return logits[torch.arange(len(batch), device=logits.device), column]
+
+
+@dataclass
+class BlockInputs:
+    """What blocks ``start`` … ``N−1`` received in one forward pass, to run them again alone.
+
+    Attributes:
+        start: The first block captured.
+        resid: The residual stream entering block ``start``, ``[batch, pos, d_model]``
+            (detached).
+        kwargs: Each block's keyword arguments from ``start`` on (attention masks, rotary
+            embeddings, position ids; per block, as some models give each layer its own mask),
+            without the KV cache.
+    """
+
+    start: int
+    resid: Float[Tensor, "batch pos d_model"]
+    kwargs: list[dict] = field(default_factory=list)
+
+
+def _resumable(model) -> bool:
+    # TransformerBridge exposes its block stack and the final norm / unembedding as modules;
+    # anchor-lens' hooked Hugging Face wrapper (GPT-J, OPT) runs the HF forward whole.
+    return all(isinstance(getattr(model, name, None), torch.nn.Module)
+               for name in ("blocks", "ln_final", "unembed"))  # fmt: skip
+
+
+@contextmanager
+def capture_block_inputs(model, start: int) -> Iterator[BlockInputs | None]:
+    """Record, during the forward passes inside the block, what blocks ``start``… receive.
+
+    Yields ``None`` for a model whose blocks cannot be run alone (then resume is not possible);
+    else a [`BlockInputs`][anchor_lens.icl.BlockInputs] filled by the next forward pass.
+    """
+    if not _resumable(model):
+        yield None
+        return
+    n_layers = model.cfg.n_layers
+    if not 0 <= start < n_layers:
+        raise ValueError(f"start must be a layer in 0..{n_layers - 1}, got {start}.")
+    captured = BlockInputs(start, torch.empty(0, 0, 0))  # filled by the next forward
+    handles = []
+
+    def keep(layer: int):
+        def hook(module, args, kwargs):
+            if layer == start:
+                resid = args[0] if args else kwargs["hidden_states"]
+                captured.resid = resid.detach()
+                captured.kwargs.clear()
+            captured.kwargs.append({
+                k: v for k, v in kwargs.items()
+                if k not in ("hidden_states", "past_key_values", "past_key_value", "cache",
+                             "use_cache")
+            })  # fmt: skip
+
+        return hook
+
+    try:
+        for layer in range(start, n_layers):
+            handles.append(
+                model.blocks[layer].register_forward_pre_hook(keep(layer), with_kwargs=True)
+            )
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def resume_target_logits(
+    model, batch: ICLBatch, inputs: BlockInputs, fwd_hooks=()
+) -> Float[Tensor, "batch vocab"]:
+    """[`target_logits`][anchor_lens.icl.target_logits] computed from block ``inputs.start``
+    on: blocks ``start`` … ``N−1`` run again on the captured residual stream, with
+    ``fwd_hooks``, then the final norm and the unembedding at each row's target.
+
+    Equal to the full forward with the same hooks when no hook touches a layer before
+    ``start`` (the first layers then compute exactly what they computed when captured), at
+    ``(N − start)/N`` of its cost. Callers check that equality once per batch against the
+    unedited logits (see ``analysis.batch_isolation``).
+    """
+    x = inputs.resid
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        for layer, kwargs in zip(range(inputs.start, model.cfg.n_layers), inputs.kwargs,
+                                 strict=True):  # fmt: skip
+            out = model.blocks[layer](x, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        rows = model.ln_final(x)[torch.arange(len(batch), device=x.device), batch.target_positions]
+        return model.unembed(rows[:, None, :])[:, 0]
 
 
 def _continuation_logprobs(model, batch: ICLBatch, tokens: Sequence[int]) -> Tensor:

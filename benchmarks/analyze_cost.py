@@ -10,8 +10,9 @@
   deep-layer rows, and the four isolation forwards. Goal: analyze ≥ 2× faster.
 
 The analyze side is the runner's per-query record step (`Analyze.records`: one saliency pass
-that also gives the reference logits and class attention, then the four isolation passes) on
-the same queries, in batches. Run from the repository root:
+that also gives the reference logits and class attention and keeps what the last k blocks
+received, then the four isolation passes, of which the two last-k ones run only those k blocks)
+on the same queries, in batches. Run from the repository root:
 `.venv/bin/python benchmarks/analyze_cost.py [--n 16 --batch-size 4]`.
 """
 

@@ -166,3 +166,58 @@ def test_cli_analyze_writes_results_figures_and_report(tiny_llama_folder, tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "findings of Wang et al." in report and "| finding | holds |" in report
     assert "paper findings hold" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_last_layers_resume_from_the_captured_residual(tiny_model, padding_side):
+    """Blocks N-k… run again on what they received equal the full forward with the same
+    edits (the same operations on the same inputs), so the last-k isolation conditions can skip
+    the first N-k blocks. Where a bridge feeds its blocks something outside their arguments
+    (GPT-2's bridge and a left-padding mask), the unedited replay differs from the reference,
+    which is how batch_isolation detects it and runs the whole model instead."""
+    from anchor_lens.icl import capture_block_inputs, resume_target_logits
+
+    batch = al.build_icl_batch(tiny_model, "sst2", DEMOS, [SHORT, LONG], padding_side=padding_side)
+    start = tiny_model.cfg.n_layers - 2
+    with torch.no_grad(), capture_block_inputs(tiny_model, start) as inputs:
+        reference = target_logits(tiny_model, batch)
+    assert inputs.resid.shape[:2] == batch.input_ids.shape and len(inputs.kwargs) == 2
+    hooks = block_attention_hooks(range(start, tiny_model.cfg.n_layers), batch.label_positions)
+    with torch.no_grad():
+        replay = resume_target_logits(tiny_model, batch, inputs)
+        edited = target_logits(tiny_model, batch, hooks)
+        resumed = resume_target_logits(tiny_model, batch, inputs, hooks)
+    exact = torch.allclose(replay, reference, rtol=1e-6, atol=1e-6)
+    rotary = tiny_model.cfg.positional_embedding_type == "rotary"
+    assert exact or (not rotary and padding_side == "left")  # Llama-style models: always
+    assert not torch.allclose(edited, reference, atol=1e-4)  # the edit matters
+    if exact:
+        assert torch.allclose(resumed, edited, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_isolation_with_block_inputs_equals_the_full_forwards(tiny_model, monkeypatch):
+    """Analyze's path (last-k conditions from the saliency forward's captured inputs) gives the
+    same loyalty as running the whole model per condition; it takes the short path exactly when
+    the unedited replay reproduces the reference."""
+    import anchor_lens.analysis as module
+
+    layers = range(tiny_model.cfg.n_layers)
+    spans = analysis.isolation_spans(tiny_model.cfg.n_layers, 1)
+    real = module.resume_target_logits
+    for side in ("left", "right"):
+        batch = al.build_icl_batch(tiny_model, "sst2", DEMOS, [SHORT, LONG], padding_side=side)
+        sal = analysis.saliency_pass(tiny_model, batch, layers, capture_from=spans["last"][0])
+        gens = lambda: [analysis.example_generator(0, i) for i in range(2)]  # noqa: E731
+        full = analysis.batch_isolation(tiny_model, batch, spans, gens(), reference=sal.logits)
+        calls = []
+        counted = lambda *a, calls=calls: calls.append(1) or real(*a)  # noqa: E731
+        monkeypatch.setattr(module, "resume_target_logits", counted)
+        short = analysis.batch_isolation(
+            tiny_model, batch, spans, gens(), reference=sal.logits, block_inputs=sal.block_inputs
+        )
+        monkeypatch.setattr(module, "resume_target_logits", real)
+        replays = torch.allclose(real(tiny_model, batch, sal.block_inputs), sal.logits, 1e-5, 1e-5)
+        assert len(calls) == (3 if replays else 1)  # the check, then label_last and random_last
+        for key in full:
+            assert torch.equal(full[key][0], short[key][0])
+            assert torch.allclose(full[key][1], short[key][1], atol=1e-6)
