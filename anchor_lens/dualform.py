@@ -1037,11 +1037,18 @@ def dual_form_findings(summary: dict) -> list:
     ]
 
 
-def dual_form_markdown(summary: dict, *, model: str, task: str, extra: str = "") -> str:
-    """``report.md``: the four claims, then every metric across the lr grid."""
-    findings = dual_form_findings(summary)
-    held = sum(f.holds is True for f in findings)
-    checked = sum(f.holds is not None for f in findings)
+def dual_form_markdown(
+    summary: dict, *, model: str, task: str, extra: str = "", findings: list | None = None
+) -> str:
+    """``report.md``: the four claims, then every metric across the lr grid.
+
+    ``findings`` are [`dual_form_findings`][anchor_lens.dualform.dual_form_findings]
+    ``(summary)``, computed here unless given.
+    """
+    from .report import findings_table, tally
+
+    findings = dual_form_findings(summary) if findings is None else findings
+    held, checked = tally(findings)
     acc = summary["accuracy"]
     lines = [
         f"# ICL as implicit fine-tuning (Dai et al.): {task} on {model}",
@@ -1051,9 +1058,7 @@ def dual_form_markdown(summary: dict, *, model: str, task: str, extra: str = "")
         f" per seed). Accuracy ZSL {acc['zsl']:.3f}, FT {acc['ft_selected']:.3f}, ICL "
         f"{acc['icl']:.3f}.",
         "",
-        "| claim | holds | evidence |",
-        "|---|---|---|",
-        *(f"| {f.claim} | {f.verdict} | {f.evidence} |" for f in findings),
+        *findings_table(findings),
         "",
         "Every lr of the grid (seed means; Rec2FTP pools the seeds' counts):",
         "",

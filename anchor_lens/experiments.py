@@ -289,8 +289,7 @@ class Analyze(Experiment):
                 findings, model=str(cfg.model), task=ctx.task.name, n=flow.n, extra=extra
             )
         )
-        held = sum(f.holds is True for f in findings)
-        checked = sum(f.holds is not None for f in findings)
+        held, checked = report.tally(findings)
         c = iso.conditions
         peak = max((a for a in deep.aucroc if a is not None), default=None)
         print(
@@ -455,14 +454,12 @@ class Diagnose(UnitExperiment):
     name = "diagnose"
     config_cls = DiagnoseConfig
     unit_name = "seed"
+    units = staticmethod(_seed_units)
 
     def context(self, config, dist):
         if len(config.seed) != 1:
             raise ValueError("diagnose takes one --seed; run it once per seed.")
         return super().context(config, dist)
-
-    def units(self, ctx):
-        return _seed_units(ctx)
 
     def run_unit(self, ctx, unit):
         from .diagnosis import run_diagnosis
@@ -546,9 +543,8 @@ class LongContext(UnitExperiment):
 
     def _limit(self, ctx) -> int:
         from .lminfinite import pretrain_length
-        from .models import plain_hf_model
 
-        return pretrain_length(plain_hf_model(ctx.model))
+        return pretrain_length(ctx.model)  # the config's L: no need for the plain twin
 
     def _passkey_lengths(self, ctx) -> list[int]:
         lengths = ctx.config.passkey_lengths
@@ -787,12 +783,14 @@ class DualForm(UnitExperiment):
                 "paper), ICL accuracy (seed mean):\n\n| η | layers | accuracy |\n|---|---|---|\n"
                 + rows
             )
-        (config.out / "report.md").write_text(
-            dual_form_markdown(summary, model=str(config.model), task=ctx.task.name, extra=extra)
-        )
         findings = dual_form_findings(summary)
-        held = sum(f.holds is True for f in findings)
-        checked = sum(f.holds is not None for f in findings)
+        (config.out / "report.md").write_text(
+            dual_form_markdown(
+                summary, model=str(config.model), task=ctx.task.name, extra=extra,
+                findings=findings,
+            )
+        )  # fmt: skip
+        held, checked = report.tally(findings)
         sel = summary["selected"]
         print(
             f"{ctx.task.name}: {held}/{checked} checkable claims of Dai et al. hold "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .analysis import DeepResult, FlowResult, IsolationResult
 
-__all__ = ["Finding", "findings_markdown", "paper_findings"]
+__all__ = ["Finding", "findings_markdown", "findings_table", "paper_findings", "tally"]
 
 
 @dataclass
@@ -105,12 +105,25 @@ def paper_findings(flow: FlowResult, iso: IsolationResult, deep: DeepResult) -> 
     ]
 
 
+def tally(findings: list[Finding]) -> tuple[int, int]:
+    """``(held, checkable)``: how many findings hold, and how many could be checked at all."""
+    return sum(f.holds is True for f in findings), sum(f.holds is not None for f in findings)
+
+
+def findings_table(findings: list[Finding], header: str = "claim") -> list[str]:
+    """The Markdown table of ``report.md``: each claim, its verdict, its evidence."""
+    return [
+        f"| {header} | holds | evidence |",
+        "|---|---|---|",
+        *(f"| {f.claim} | {f.verdict} | {f.evidence} |" for f in findings),
+    ]
+
+
 def findings_markdown(
     findings: list[Finding], *, model: str, task: str, n: int, extra: str = ""
 ) -> str:
     """A short ``report.md``: which of the paper's findings hold for this run."""
-    held = sum(f.holds is True for f in findings)
-    checked = sum(f.holds is not None for f in findings)
+    held, checked = tally(findings)
     summary = f"{n} queries; {held} of {checked} checkable findings of Wang et al. (2023, §2) hold"
     if checked < len(findings):
         summary += f"; {len(findings) - checked} undefined on this run (see the table)"
@@ -119,10 +132,8 @@ def findings_markdown(
         "",
         summary + ".",
         "",
-        "| finding | holds | evidence |",
-        "|---|---|---|",
+        *findings_table(findings, header="finding"),
     ]
-    lines += [f"| {f.claim} | {f.verdict} | {f.evidence} |" for f in findings]
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"

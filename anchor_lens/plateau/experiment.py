@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..report import Finding
+from ..report import Finding, findings_table, tally
 from ..runner import Context, OutputConfig, UnitExperiment, option, write_json
 from .curves import PlateauLength, summarize_lengths
 from .model import PlateauModelConfig
@@ -356,8 +356,7 @@ def plateau_findings(summary: dict[str, dict], *, eval_every: int) -> list[Findi
 
 def report_markdown(findings: list[Finding], summary: dict, what: str, cfg: PlateauConfig) -> str:
     """``report.md``: the claims table and the per-strategy numbers."""
-    held = sum(f.holds is True for f in findings)
-    checked = sum(f.holds is not None for f in findings)
+    held, checked = tally(findings)
     score = "R²" if cfg.task == "linear" else "accuracy"
     lines = [
         f"# Learning plateaus: {what}",
@@ -366,9 +365,7 @@ def report_markdown(findings: list[Finding], summary: dict, what: str, cfg: Plat
         f"{cfg.batch_size} sequences, Adam {cfg.lr}; seeds {', '.join(map(str, cfg.seed))}. "
         f"{held} of {checked} checkable claims of Fu et al. (ICML 2024) hold on these runs.",
         "",
-        "| claim | holds | evidence |",
-        "|---|---|---|",
-        *[f"| {f.claim} | {f.verdict} | {f.evidence} |" for f in findings],
+        *findings_table(findings),
         "",
         f"| strategy | plateau length (steps) | escaped | final late {score} | weights probe "
         "initial / lowest / final | wall (s/run) |",
