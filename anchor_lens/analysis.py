@@ -341,8 +341,9 @@ def batch_isolation(
 
     ``generators[b]`` draws row ``b``'s random positions (one draw per layer), so the random
     baseline of a query does not depend on its batch. ``reference`` is the unedited target
-    logits if already computed (e.g. ``SaliencyPass.logits``); else one forward computes them.
-    ``block_inputs`` (from the reference forward, e.g. ``SaliencyPass.block_inputs``) lets a
+    logits if already computed (e.g. ``SaliencyPass.logits``); else one forward computes them
+    and records the block inputs itself. ``block_inputs`` (from the reference forward, e.g.
+    ``SaliencyPass.block_inputs``) lets a
     condition confined to layers ``≥ block_inputs.start`` (the last ``k``) run only those
     layers: the layers before compute nothing different. Used only after the unedited replay
     from ``start`` reproduces ``reference``; else every condition runs the whole model.
@@ -350,7 +351,15 @@ def batch_isolation(
     _check_demos(batch, "isolation")
     out: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
-        ref = reference.float() if reference is not None else target_logits(model, batch).float()
+        if reference is None:
+            # The reference forward also keeps what the last spans' blocks receive, so callers
+            # without a saliency pass (``isolation``) get the short path too.
+            later = [min(layers) for layers in spans.values() if min(layers) > 0]
+            capture = capture_block_inputs(model, min(later)) if later else nullcontext()
+            with capture as captured:
+                reference = target_logits(model, batch)
+            block_inputs = block_inputs or captured
+        ref = reference.float()
         ref_pred = ref[:, batch.label_token_ids].argmax(-1)
         if block_inputs is not None:
             replay = resume_target_logits(model, batch, block_inputs).float()

@@ -215,9 +215,14 @@ def test_batch_isolation_with_block_inputs_equals_the_full_forwards(tiny_model, 
         short = analysis.batch_isolation(
             tiny_model, batch, spans, gens(), reference=sal.logits, block_inputs=sal.block_inputs
         )
+        given = len(calls)
+        # Without a reference, its own reference forward records the block inputs.
+        auto = analysis.batch_isolation(tiny_model, batch, spans, gens())
         monkeypatch.setattr(module, "resume_target_logits", real)
         replays = torch.allclose(real(tiny_model, batch, sal.block_inputs), sal.logits, 1e-5, 1e-5)
-        assert len(calls) == (3 if replays else 1)  # the check, then label_last and random_last
+        assert given == (3 if replays else 1)  # the check, then label_last and random_last
+        assert len(calls) == 2 * given
         for key in full:
-            assert torch.equal(full[key][0], short[key][0])
-            assert torch.allclose(full[key][1], short[key][1], atol=1e-6)
+            for other in (short, auto):
+                assert torch.equal(full[key][0], other[key][0])
+                assert torch.allclose(full[key][1], other[key][1], atol=1e-6)
