@@ -76,6 +76,7 @@ __all__ = [
     "Rec2FTP",
     "SettingCapture",
     "capture_setting",
+    "check_lrs",
     "compare_settings",
     "dual_attention",
     "dual_form_batch",
@@ -734,6 +735,18 @@ def _accuracy(predicted: Tensor, queries: Sequence[Example]) -> float:
     return float((predicted == labels).double().mean())
 
 
+def check_lrs(lrs: Sequence[float]) -> list[float]:
+    """The lr grid as floats; at least one, none negative (``lr = 0`` is FT = ZSL)."""
+    lrs = [float(lr) for lr in lrs]
+    if not lrs:
+        raise ValueError("compare_settings needs at least one learning rate (--lrs).")
+    if any(lr < 0 or not math.isfinite(lr) for lr in lrs):
+        raise ValueError(
+            f"Learning rates must be finite and >= 0 (an SGD step θ − lr·∇), got {lrs} (--lrs)."
+        )
+    return lrs
+
+
 def compare_settings(
     model,
     task: str | Task,
@@ -757,9 +770,7 @@ def compare_settings(
     the random baselines. The model is unchanged afterwards.
     """
     task = get_task(task)
-    lrs = [float(lr) for lr in lrs]
-    if not lrs:
-        raise ValueError("compare_settings needs at least one learning rate.")
+    lrs = check_lrs(lrs)
     common = dict(
         record_at=record_at,
         query_vector=kendall_query,

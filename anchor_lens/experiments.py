@@ -680,6 +680,12 @@ class DualForm(UnitExperiment):
     unit_name = "seed"
     units = staticmethod(_seed_units)
 
+    def context(self, config, dist):
+        from .dualform import check_lrs
+
+        check_lrs(config.lrs)  # before the model loads
+        return super().context(config, dist)
+
     def run_unit(self, ctx, unit):
         from .dualform import compare_settings
         from .episodes import draw_episode

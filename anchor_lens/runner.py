@@ -59,6 +59,7 @@ __all__ = [
     "UnitExperiment",
     "config_from_args",
     "add_config_arguments",
+    "check_device",
     "load_configured_model",
     "make_context",
     "prepare",
@@ -501,12 +502,29 @@ def make_context(config: OutputConfig, dist: Dist | None = None) -> Context:
     return Context(config, None, None, dist=dist)
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this torch cannot use, before anything is built on it."""
+    if device is None:
+        return
+    import torch
+
+    kind = torch.device(device).type  # an unknown name raises, listing the known ones
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if kind in available and not available[kind]():
+        raise ValueError(
+            f"--device {device}: this torch build sees no {kind} device "
+            f"(torch.{'cuda' if kind == 'cuda' else 'backends.mps'}.is_available() is False). "
+            "Use --device cpu, or install a torch build for that device."
+        )
+
+
 def load_configured_model(config: ModelConfig, dist: Dist | None = None):
     """The model ``config`` names, on ``cuda:LOCAL_RANK`` under torchrun unless told otherwise."""
     import torch
 
     from .models import load_model
 
+    check_device(config.device)
     device = config.device
     if device is None and dist is not None and dist.world > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank}"

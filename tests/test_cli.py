@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import anchor_lens.models
 from anchor_lens.cli import _build_parser, main
@@ -42,6 +43,16 @@ def test_every_option_has_help_and_its_default(command):
         (["evaluate", "--model", "./no/such/folder"], "No model at './no/such/folder'"),
         (["evaluate", "--label-words", "Bad"], "--label-words got 1 words"),
         (["reweight", "--task", "sst2"], "Hugging Face Hub cannot be reached"),
+        (["dual-form", "--lrs", "0.1", "-0.1"], "must be finite and >= 0"),
+        (["plateau", "--pairs", "1"], "n_pairs must be at least 2 (--pairs)"),
+        *(
+            pytest.param(
+                [command, "--device", "cuda"],
+                "sees no cuda device",
+                marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there"),
+            )
+            for command in ("evaluate", "plateau")
+        ),
     ],
 )
 def test_mistakes_are_reported_before_any_model_load(

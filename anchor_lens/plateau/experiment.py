@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..report import Finding, findings_table, tally
-from ..runner import Context, OutputConfig, UnitExperiment, option, write_json
+from ..runner import (
+    Context,
+    OutputConfig,
+    UnitExperiment,
+    check_device,
+    option,
+    write_json,
+)
 from .curves import PlateauLength, summarize_lengths
 from .model import PlateauModelConfig
 from .tasks import FactorTask, LinearTask
@@ -139,6 +146,7 @@ class Plateau(UnitExperiment):
 
     def context(self, config: PlateauConfig, dist) -> Context:
         # Everything is checked here, before the first run: a bad option costs no training.
+        check_device(config.device)
         config.build_task()
         config.model_config()
         for strategy in config.strategies():

@@ -108,6 +108,7 @@ class FactorTask:
     maps: Int[Tensor, "map factor value"] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        _check_pairs(self.n_pairs)
         F, V, m = self.n_factors, self.n_values, self.n_maps
         if not 0 <= self.entangle <= 1:
             raise ValueError(f"entangle is a mixing weight in [0, 1], got {self.entangle}")
@@ -237,6 +238,14 @@ class LinearBatch:
         )
 
 
+def _check_pairs(n_pairs: int) -> None:
+    if n_pairs < 2:
+        raise ValueError(
+            f"n_pairs must be at least 2 (--pairs), got {n_pairs}: each label is predicted from "
+            "the pairs before it, and the plateau is read on the later half of the pairs."
+        )
+
+
 @dataclass
 class LinearTask:
     """Garg et al.'s linear regression in context: ``w, x ~ N(0, I_d)``, ``y = w · x``.
@@ -251,6 +260,9 @@ class LinearTask:
     n_pairs: int = 16
     n_maps: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_pairs(self.n_pairs)
 
     @property
     def chance(self) -> float:
