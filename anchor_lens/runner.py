@@ -234,6 +234,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: Whether ``from_env`` created the process group (then ``close`` tears it down).
+    owns_group: bool = False
 
     @classmethod
     def from_env(cls, backend: str | None = None) -> Dist:
@@ -247,10 +249,25 @@ class Dist:
         import torch
         import torch.distributed as tdist
 
-        if not tdist.is_initialized():
+        owns = not tdist.is_initialized()
+        if owns:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             tdist.init_process_group(backend=backend)
-        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+        return cls(rank, world, int(os.environ.get("LOCAL_RANK", 0)), owns)
+
+    def close(self) -> None:
+        """Wait for every rank (rank 0 writes the outputs), then leave the group together.
+
+        A rank that exits while another still holds the group open can abort in gloo's
+        teardown ("terminate called without an active exception"), failing the launch.
+        """
+        if self.world == 1 or not self.owns_group:
+            return
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, on every rank (rank order)."""
@@ -601,8 +618,13 @@ def run_experiment(
     Returns the experiment's summary on rank 0 and ``None`` on the other ranks.
     """
     dist = ctx.dist if ctx is not None else Dist.from_env()
+    summary = _run(experiment, config, ctx or experiment.context(config, dist), dist)
+    dist.close()
+    return summary
+
+
+def _run(experiment, config: OutputConfig, ctx: Context, dist: Dist):
     started = time.time()
-    ctx = ctx or experiment.context(config, dist)
     if isinstance(experiment, UnitExperiment):
         units = experiment.units(ctx)
 
